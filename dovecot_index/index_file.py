@@ -23,7 +23,12 @@ import numpy as np
 from construct import Container
 
 from . import binary as b
-from .errors import CorruptIndexError, IndexWriteError, UnsupportedVersionError
+from .errors import (
+    CorruptIndexError,
+    DovecotIndexError,
+    IndexWriteError,
+    UnsupportedVersionError,
+)
 
 KEYWORDS_EXT = "keywords"
 _FIELD_OFFSETS = {}
@@ -234,13 +239,18 @@ class IndexFile:
                       else None)
         except OSError as e:
             raise CorruptIndexError(path, f"cannot read: {e.strerror}") from e
+        if mm is None:
+            return cls.parse(b"", path=path, strict=strict)
+        error: DovecotIndexError | None = None
         try:
-            return cls.parse(memoryview(mm) if mm is not None else b"", path=path,
-                             strict=strict, _mmap=mm)
-        except BaseException:
-            if mm is not None:
-                mm.close()
-            raise
+            return cls.parse(memoryview(mm), path=path, strict=strict, _mmap=mm)
+        except DovecotIndexError as e:
+            error = e
+        # Drop the frames (and their views of the map) before unmapping.
+        error.__traceback__ = None
+        error.__context__ = None
+        mm.close()
+        raise error
 
     @classmethod
     def parse(cls, data: bytes | bytearray | memoryview, *, path: str | None = None,
@@ -283,7 +293,10 @@ class IndexFile:
         """Release the mmap (records become unusable if they were a view over it)."""
         if self._mmap is not None:
             self.records = self.records.copy()
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # the caller still holds a view; unmapped when the last one goes
             self._mmap = None
 
     def __enter__(self) -> IndexFile:
@@ -315,7 +328,7 @@ class IndexFile:
         """Every message's record bytes of extension ``name`` as an (N, record_size) uint8
         array view."""
         ext = self.ext(name)
-        if ext is None or ext.record_size == 0:
+        if ext is None or ext.record_size == 0 or ext.record_offset == 0:
             raise KeyError(name)
         raw = self.records.view(np.uint8).reshape(len(self.records), -1)
         return raw[:, ext.record_offset:ext.record_offset + ext.record_size]
@@ -323,7 +336,8 @@ class IndexFile:
     def keyword_matrix(self) -> np.ndarray:
         """Boolean (messages x keywords) matrix of keyword bits (bit i%8 of byte i/8)."""
         n = len(self.keywords)
-        if n == 0 or self.ext(KEYWORDS_EXT) is None:
+        ext = self.ext(KEYWORDS_EXT)
+        if n == 0 or ext is None or ext.record_size == 0 or ext.record_offset == 0:
             return np.zeros((self.messages_count, n), dtype=bool)
         bits = np.unpackbits(self.ext_record_bytes(KEYWORDS_EXT), axis=1, bitorder="little")
         if bits.shape[1] < n:
@@ -502,6 +516,7 @@ class IndexFile:
         area = bytearray(base)
         area += bytes(b.header_size_align(len(area)) - len(area))
         for ext in self.extensions:
+            ext.offset = len(area)
             area += ext.compile()
         return bytes(area)
 
