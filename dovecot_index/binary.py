@@ -178,3 +178,27 @@ def parse_padded(struct: Struct, data: bytes):  # type: ignore[no-untyped-def]
     pads undersized headers the same way)."""
     need = struct.sizeof()
     return struct.parse(bytes(data[:need]) + bytes(max(0, need - len(data))))
+
+
+# ---------------------------------------------------------------------------------
+# dovecot.index.log (mail-transaction-log.h)
+# ---------------------------------------------------------------------------------
+MAIL_TRANSACTION_LOG_MAJOR_VERSION = 1
+MAIL_TRANSACTION_LOG_MINOR_VERSION = 3
+MAIL_TRANSACTION_LOG_HEADER_MIN_SIZE = 24
+# struct mail_transaction_log_header, 40 bytes
+MailTransactionLogHeader = Struct(
+    "major_version" / Int8ul,
+    "minor_version" / Int8ul,
+    "hdr_size" / Int16ul,
+    "indexid" / Int32ul,
+    "file_seq" / Int32ul,
+    "prev_file_seq" / Int32ul,
+    "prev_file_offset" / Int32ul,
+    "create_stamp" / Int32ul,
+    "initial_modseq" / Int64ul,
+    "compat_flags" / Int8ul,
+    "unused" / Bytes(3),
+    "unused2" / Int32ul,
+)
+MAIL_TRANSACTION_LOG_HEADER_SIZE = MailTransactionLogHeader.sizeof()
