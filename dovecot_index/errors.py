@@ -43,3 +43,25 @@ class UnsupportedVersionError(CorruptIndexError):
 
 class IndexWriteError(DovecotIndexError):
     """A model that cannot be written as a valid ``dovecot.index``."""
+
+
+class DovecotError(DovecotIndexError):
+    """A real Dovecot command (``doveadm``, ``imap``) failed or logged an error.
+
+    Raised by :mod:`dovecot_index.live`. Dovecot often exits 0 after logging an
+    ``Error:`` line, so the harness checks stderr as well as the exit code.
+
+    :ivar command: the argument vector that was run
+    :ivar returncode: its exit status (``None`` if it did not exit)
+    :ivar stdout: what it printed on stdout (decoded)
+    :ivar stderr: what it printed on stderr (decoded)
+    """
+
+    def __init__(self, reason: str, *, command: list[str] | None = None,
+                 returncode: int | None = None, stdout: str = "", stderr: str = "",
+                 path: str | os.PathLike[str] | None = None) -> None:
+        self.command = list(command or [])
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(path, reason)

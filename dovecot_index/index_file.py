@@ -138,7 +138,10 @@ def parse_keywords(ext: Extension, path: str | None,
     running = 0
     for i in range(count):
         off = int(recs[i, 1])
-        end = names_area.index(b"\0", off)
+        end = names_area.find(b"\0", off)
+        if end < 0:  # off == end of the area: no name (or NUL) left to read
+            raise CorruptIndexError(path, "name_offset points outside allocated header",
+                                    base + names_start + off)
         raw = names_area[off:end]
         if off != running and warnings is not None:
             warnings.append(f"Corrupted index file {path}: Mismatching keyword name_offset")
