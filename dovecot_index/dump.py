@@ -3,7 +3,7 @@
 Mirrors ``src/doveadm/doveadm-dump-index.c`` (``dump_hdr``, ``dump_extensions``,
 ``dump_extension_header``, ``dump_keywords``, ``dump_record``). Differences from Dovecot
 2.3's output are deliberate and few: ``virtual2`` is decoded (Dovecot prints hex), and
-the ``-- CACHE:`` section is only printed as far as :mod:`dovecot_index` reads it.
+the cache part comes from :mod:`dovecot_index.dump_cache`.
 """
 
 from __future__ import annotations
@@ -218,8 +218,9 @@ def keyword_lines(idx: IndexFile) -> Iterator[str]:
         yield f"{i:3d} = {name}"
 
 
-def record_lines(idx: IndexFile) -> Iterator[str]:
-    """``dump_record`` for every message (without the cache part)."""
+def record_lines(idx: IndexFile, cache_lines: list[list[str]] | None = None
+                 ) -> Iterator[str]:
+    """``dump_record`` for every message, each followed by its ``dump_cache`` lines."""
     regs = registered_extensions(idx)
     by_name = {e.name: e for e in idx.extensions}
     slots = []
@@ -248,6 +249,8 @@ def record_lines(idx: IndexFile) -> Iterator[str]:
             if name == "virtual" and size >= 8:
                 yield f"                   : mailbox_id = {int.from_bytes(data[:4], 'little')}"
                 yield f"                   : real_uid   = {int.from_bytes(data[4:8], 'little')}"
+        if cache_lines is not None and seq < len(cache_lines):
+            yield from cache_lines[seq]
         yield ""
 
 
@@ -272,13 +275,18 @@ def index_text(idx: IndexFile, path: str | None = None, *, detected: bool = True
     out += keyword_lines(idx)
     out.append("")
     out.append(f"-- CACHE: {filepath}.cache")
-    if os.path.exists(f"{filepath}.cache"):
-        out.append("(dovecot.index.cache is not decoded by this version)")
-    else:
-        out.append("cache is unusable")
-    out.append("")
-    out.append(f"-- RECORDS: {idx.header.messages_count}")
-    out += record_lines(idx)
+    from .cache_file import CacheFile
+    from .dump_cache import cache_all_record_lines, cache_header_lines
+
+    cache, _reason = CacheFile.for_index(idx)
+    try:
+        out += cache_header_lines(cache)
+        out.append("")
+        out.append(f"-- RECORDS: {idx.header.messages_count}")
+        out += record_lines(idx, cache_all_record_lines(cache))
+    finally:
+        if cache is not None:
+            cache.close()
     return "\n".join(out) + "\n"
 
 
