@@ -27,17 +27,63 @@ def _index_path(path: str) -> str:
     return path
 
 
-def cmd_dump(args: argparse.Namespace) -> int:
-    from . import dump
+def _write_text(text: str) -> None:
+    """Names in logs may hold any bytes (decoded with surrogateescape): write them back
+    unchanged."""
+    raw = getattr(sys.stdout, "buffer", None)
+    if raw is None:
+        sys.stdout.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        return
+    sys.stdout.flush()
+    raw.write(text.encode("utf-8", "surrogateescape"))
+    raw.flush()
 
-    path = _index_path(args.path)
-    with IndexFile.open(path) as idx:
+
+def cmd_dump_log(args: argparse.Namespace) -> int:
+    """``doveadm dump FILE.log`` (``cmd_dump_log``), or its JSON model."""
+    from . import dump_log
+    from .log_file import LogFile
+
+    with LogFile.open(args.path, lenient=True) as log:
         if args.json:
-            json.dump(dump.index_json(idx), sys.stdout, indent=1)
+            json.dump(dump_log.log_json(log), sys.stdout, indent=1)
             sys.stdout.write("\n")
         else:
-            sys.stdout.write(dump.index_text(idx, args.path))
+            _write_text(dump_log.log_text(log))
     return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from . import dump
+    from .log_file import looks_like_log
+
+    if os.path.isfile(args.path) and looks_like_log(args.path):
+        # doveadm's autodetection: a ".log" name (or ".log.N") with a log header
+        return cmd_dump_log(args)
+    if args.no_log:
+        with IndexFile.open(_index_path(args.path)) as idx:
+            _print_index(dump, idx, args)
+        return 0
+    from .view import MailboxView
+
+    if os.path.isdir(args.path):
+        directory, prefix = args.path, "dovecot.index"
+    else:
+        directory, prefix = os.path.split(args.path)
+        directory = directory or "."
+    if not any(os.path.exists(os.path.join(directory, prefix + suffix))
+               for suffix in ("", ".log")):
+        raise DovecotIndexError(args.path, f"no {prefix} or {prefix}.log here")
+    _print_index(dump, MailboxView(directory, prefix).index, args)
+    return 0
+
+
+def _print_index(dump, idx: IndexFile, args: argparse.Namespace) -> None:  # type: ignore[no-untyped-def]
+    if args.json:
+        json.dump(dump.index_json(idx), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _write_text(dump.index_text(idx, args.path))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,11 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Inspect and repair Dovecot's on-disk index files.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
-        "dump", help="print a dovecot.index like `doveadm dump` (or as JSON)",
-        description="Print a dovecot.index file (or the dovecot.index of a directory) in "
-        "the text format of `doveadm dump`, or as JSON. This version prints the index "
-        "file itself; it does not yet replay dovecot.index.log on top.")
-    p.add_argument("path", help="a dovecot.index file or a mailbox index directory")
+        "dump", help="print a dovecot.index or a transaction log like `doveadm dump` "
+        "(or as JSON)",
+        description="Print a dovecot.index file (or the dovecot.index of a directory) or "
+        "a transaction log (dovecot.index.log, .log.2; detected by name and header like "
+        "doveadm does) in the text format of `doveadm dump`, or as JSON. An index is "
+        "shown as Dovecot sees it: dovecot.index with dovecot.index.log (.log.2) "
+        "replayed on top, also when there is no dovecot.index at all (--no-log: the "
+        "file alone).")
+    p.add_argument("path", help="a dovecot.index file, a mailbox index directory or a "
+                   "dovecot.index.log file")
+    p.add_argument("--no-log", action="store_true",
+                   help="print the dovecot.index file itself, without replaying the log")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dump)
     return parser
@@ -63,12 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DovecotIndexError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{PROG}: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

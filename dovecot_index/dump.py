@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import binary as b
-from .index_file import KEYWORDS_EXT, Extension, IndexFile
+from .index_file import KEYWORDS_EXT, Extension, IndexFile, record_bytes
 
 HeaderDecoder = Callable[[bytes], tuple[list[str], dict[str, Any]]]
 _EXT_DECODERS: dict[str, HeaderDecoder] = {}
@@ -229,8 +229,7 @@ def record_lines(idx: IndexFile, cache_lines: list[list[str]] | None = None
         if ext is None or size == 0 or ext.record_offset == 0:
             continue
         slots.append((i, name, size, align, ext.record_offset))
-    raw = idx.records.view(np.uint8).reshape(len(idx.records), -1) if len(idx.records) \
-        else np.zeros((0, idx.header.record_size), np.uint8)
+    raw = record_bytes(idx.records)
     uids = idx.records["uid"].tolist()
     flags = idx.records["flags"].tolist()
     for seq in range(len(uids)):
@@ -308,8 +307,7 @@ def index_json(idx: IndexFile) -> dict[str, Any]:
     kw = idx.keyword_matrix()
     names = np.array(idx.keywords, dtype=object)
     records = []
-    raw = idx.records.view(np.uint8).reshape(len(idx.records), -1) if len(idx.records) \
-        else None
+    raw = record_bytes(idx.records)
     ext_slots = [e for e in idx.extensions
                  if e.record_size and e.record_offset and e.name != KEYWORDS_EXT]
     for seq, (uid, flags) in enumerate(zip(idx.records["uid"].tolist(),

@@ -116,6 +116,21 @@ def record_dtype(record_size: int, extensions: Sequence[Extension]) -> np.dtype:
                      "itemsize": record_size})
 
 
+def record_bytes(records: np.ndarray) -> np.ndarray:
+    """The records as an (N, record_size) uint8 array view (also for N = 0)."""
+    return records.view(np.uint8).reshape(len(records), records.dtype.itemsize)
+
+
+def concat_records(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """``old`` followed by ``new`` (same dtype), every byte copied, padding included
+    (structured assignment would copy only the fields)."""
+    out = np.zeros(len(old) + len(new), dtype=old.dtype)
+    raw = record_bytes(out)
+    raw[:len(old)] = record_bytes(old)
+    raw[len(old):] = record_bytes(new)
+    return out
+
+
 def parse_keywords(ext: Extension, path: str | None,
                    warnings: list[str] | None = None) -> list[str]:
     """``mail_index_map_parse_keywords``: the keyword names of the ``keywords`` header."""
@@ -333,7 +348,7 @@ class IndexFile:
         ext = self.ext(name)
         if ext is None or ext.record_size == 0 or ext.record_offset == 0:
             raise KeyError(name)
-        raw = self.records.view(np.uint8).reshape(len(self.records), -1)
+        raw = record_bytes(self.records)
         return raw[:, ext.record_offset:ext.record_offset + ext.record_size]
 
     def keyword_matrix(self) -> np.ndarray:
@@ -377,8 +392,7 @@ class IndexFile:
         old_records = self.records
         old_offsets = {e.name: (e.record_offset, e.record_size) for e in old_extensions}
         new_size = reorder_records(self.extensions)
-        raw_old = old_records.view(np.uint8).reshape(len(old_records), -1) \
-            if len(old_records) else np.zeros((0, self.header.record_size), np.uint8)
+        raw_old = record_bytes(old_records)
         raw = np.zeros((len(old_records), new_size), dtype=np.uint8)
         raw[:, :8] = raw_old[:, :8]  # the base record first, pad bytes included
         for ext in self.extensions:
@@ -400,7 +414,7 @@ class IndexFile:
         slots re-laid out the way Dovecot's ``sync_ext_reorder`` does."""
         if not b.ext_name_is_valid(name) or not name:
             raise IndexWriteError(self.path, f"invalid extension name {name!r}")
-        if record_size and not 1 <= record_align <= 8:
+        if record_size and not 1 <= record_align <= 8 or record_align > 8:
             raise IndexWriteError(self.path, f"invalid record_align {record_align}")
         old = [Extension(e.name, e.reset_id, e.record_offset, e.record_size, e.record_align,
                          e.hdr_data) for e in self.extensions]
@@ -483,13 +497,10 @@ class IndexFile:
             ext = self.ext(KEYWORDS_EXT)
             assert ext is not None
             packed = np.packbits(np.asarray(keywords, dtype=bool), axis=1, bitorder="little")
-            raw = new.view(np.uint8).reshape(n, -1)
+            raw = record_bytes(new)
             width = min(packed.shape[1], ext.record_size)
             raw[:, ext.record_offset:ext.record_offset + width] = packed[:, :width]
-        merged = np.empty(len(self.records) + n, dtype=self.records.dtype)
-        merged[:len(self.records)] = self.records
-        merged[len(self.records):] = new
-        self.records = merged
+        self.records = concat_records(self.records, new)
         hdr = self.header
         hdr.next_uid = int(uids[-1]) + 1
         hdr.messages_count = len(self.records)
