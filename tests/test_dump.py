@@ -1,9 +1,10 @@
 """Our ``dump`` against the ``doveadm dump`` output stored beside every fixture, and the
 round trip (read -> compile) of every fixture index, byte for byte.
 
-``doveadm dump dovecot.index`` replays the log on top of the file; this layer prints the
-file itself, so only fixtures whose ``dovecot.index`` points at the end of their log are
-compared (every fixture written with force_index_write, backends included).
+``doveadm dump dovecot.index`` replays the log on top of the file; ``index_text`` of an
+``IndexFile`` prints the file itself, so only fixtures whose ``dovecot.index`` points at
+the end of their log are compared here (every fixture written with force_index_write,
+backends included). The replayed view is compared in ``test_view.py``.
 """
 
 from __future__ import annotations
