@@ -604,6 +604,38 @@ class UnsupportedLogVersionError(CorruptLogError):
     """A log whose major version is not 1: Dovecot ignores (and replaces) it."""
 
 
+def _record_chain(q: np.ndarray, n4: int) -> np.ndarray:
+    """Word indexes of the records reachable from word 0, where ``q[i]`` is the decoded
+    size (in 4-byte words) of a record starting at word ``i``.
+
+    Every position whose word looks like a size is a candidate; the chain from 0 is found
+    by pointer doubling over the candidates (``next^(2^k)``), so no Python loop runs per
+    record. Candidates inside payloads that merely look like sizes are not reachable."""
+    cand = np.flatnonzero(q >= 2)
+    nxt = cand + q[cand].astype(np.int64)
+    keep = nxt <= n4
+    cand, nxt = cand[keep], nxt[keep]
+    if len(cand) == 0 or cand[0] != 0:
+        return np.zeros(0, np.int64)
+    j = np.searchsorted(cand, nxt)
+    jc = np.minimum(j, len(cand) - 1)
+    sentinel = len(cand)
+    jump = np.where((j < len(cand)) & (cand[jc] == nxt), j, sentinel)
+    # the usual case: no payload word looks like a size, each record leads to the next
+    breaks = np.flatnonzero(jump != np.arange(1, len(cand) + 1))
+    if len(breaks) and jump[breaks[0]] == sentinel:
+        return cand[:breaks[0] + 1]
+    jump = np.append(jump, sentinel)
+    reach = np.zeros(len(cand) + 1, dtype=bool)
+    reach[0] = True
+    steps = 1
+    while steps <= len(cand):
+        reach[jump[reach]] = True
+        jump = jump[jump]
+        steps *= 2
+    return cand[reach[:-1]]
+
+
 class LogFile:
     """A transaction log file, read-only (mmap for :meth:`open`).
 
@@ -636,7 +668,9 @@ class LogFile:
         self.size = len(self._buf)
         self.problems: list[str] = []
         self.header = self._read_header(lenient)
-        self._frames: list[tuple[int, int, int]] = []
+        self.frame_offsets = np.zeros(0, np.int64)
+        self.frame_sizes = np.zeros(0, np.int64)
+        self.frame_types = np.zeros(0, np.uint32)
         self._framing_error: tuple[int, str] | None = None
         self.end_offset = self.header.hdr_size
         self.trailing_partial_bytes = 0
@@ -737,9 +771,55 @@ class LogFile:
         return hdr
 
     def _frame(self) -> None:
-        """``mail_transaction_log_file_sync``: walk the record sizes once."""
+        """``mail_transaction_log_file_sync``: walk the record sizes once.
+
+        The size words of every 4-byte position are decoded with numpy at once; only the
+        walk from one record to the next is a (tight) Python loop."""
         buf, end = self._buf, self.size
-        frames = self._frames
+        base = self.header.hdr_size
+        if base % 4:
+            self._frame_slow()
+            return
+        n4 = (end - base) // 4
+        raw = np.frombuffer(buf, dtype=">u4", count=n4, offset=base) if n4 else \
+            np.zeros(0, ">u4")
+        words = raw.astype(np.uint32)
+        q = ((words & 0x7F) | ((words >> 8) & 0x7F) << 7 | ((words >> 16) & 0x7F) << 14
+             | ((words >> 24) & 0x7F) << 21)
+        q[(words & 0x80808080) != 0x80808080] = 0
+        idx = _record_chain(q, n4)
+        i = int(idx[-1] + q[idx[-1]]) if len(idx) else 0
+        stop_reason = int(q[i]) if i < n4 and q[i] < 2 else 0
+        pos = base + 4 * i
+        offsets = base + 4 * idx
+        sizes = 4 * q[idx].astype(np.int64) if len(idx) else np.zeros(0, np.int64)
+        le = raw.view("<u4") if n4 else np.zeros(0, "<u4")
+        le = np.frombuffer(buf, dtype="<u4", count=n4, offset=base) if n4 else le
+        types = le[idx + 1].astype(np.uint32) if len(idx) else np.zeros(0, np.uint32)
+        self.frame_offsets, self.frame_sizes, self.frame_types = offsets, sizes, types
+        partial = True
+        if stop_reason == 1 and i < n4:
+            self._framing_error = (pos, f"hdr.size too small ({4 * int(q[i])})")
+            partial = False
+        elif i >= n4:
+            partial = pos < end
+        sync_offset = pos
+        bmask = ((types & MAIL_TRANSACTION_TYPE_MASK) == RecordKind.BOUNDARY) & \
+            ((types & MAIL_TRANSACTION_EXTERNAL) != 0) & (sizes >= 12)
+        if bmask.any():
+            cand = np.flatnonzero(bmask)
+            bsize = le[idx[cand] + 2].astype(np.int64)
+            over = cand[offsets[cand] + bsize > end]
+            if len(over):
+                sync_offset = int(offsets[over[0]])
+        self.end_offset = pos
+        self.trailing_partial_bytes = end - pos if partial else 0
+        self.sync_offset = sync_offset
+
+    def _frame_slow(self) -> None:
+        """Record walk for a header size that is not a multiple of 4."""
+        buf, end = self._buf, self.size
+        frames: list[tuple[int, int, int]] = []
         pos = self.header.hdr_size
         sync_offset: int | None = None
         partial = True
@@ -768,6 +848,9 @@ class LogFile:
             pos += size
         else:
             partial = pos < end
+        self.frame_offsets = np.array([f[0] for f in frames], dtype=np.int64)
+        self.frame_sizes = np.array([f[1] for f in frames], dtype=np.int64)
+        self.frame_types = np.array([f[2] for f in frames], dtype=np.uint32)
         self.end_offset = pos
         self.trailing_partial_bytes = end - pos if partial else 0
         self.sync_offset = pos if sync_offset is None else sync_offset
@@ -790,7 +873,7 @@ class LogFile:
 
     def __len__(self) -> int:
         """Number of completely written records (up to a framing error)."""
-        return len(self._frames)
+        return len(self.frame_offsets)
 
     def __iter__(self) -> Iterator[LogRecord]:
         return self.records()
@@ -816,7 +899,9 @@ class LogFile:
         modseq = int(self.header.initial_modseq)
         hide_internal = self.version >= LOG_VERSION_HIDE_INTERNAL_MODSEQS
         intro: ExtIntro | None = None
-        for index, (offset, size, rtype) in enumerate(self._frames):
+        for index, (offset, size, rtype) in enumerate(zip(
+                self.frame_offsets.tolist(), self.frame_sizes.tolist(),
+                self.frame_types.tolist(), strict=True)):
             data = buf[offset + RECORD_HEADER_SIZE:offset + size]
             try:
                 payload, intro = _parse_payload(rtype, data, intro)
@@ -829,7 +914,7 @@ class LogFile:
             yield LogRecord(index, offset, size, rtype, modseq, payload, data)
         if self._framing_error is not None:
             off, reason = self._framing_error
-            raise self._error(f"record #{len(self._frames)}: {reason}", off)
+            raise self._error(f"record #{len(self.frame_offsets)}: {reason}", off)
 
     def read_all(self) -> list[LogRecord]:
         """Every record as a list (validates the whole file)."""
