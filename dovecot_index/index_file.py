@@ -131,6 +131,17 @@ def concat_records(old: np.ndarray, new: np.ndarray) -> np.ndarray:
     return out
 
 
+def select_records(records: np.ndarray, which: np.ndarray | slice) -> np.ndarray:
+    """``records[which]`` with every byte kept (structured indexing copies only fields)."""
+    raw = np.array(record_bytes(records)[which], dtype=np.uint8, order="C", copy=True)
+    return raw.reshape(-1).view(records.dtype) if raw.size else np.zeros(0, records.dtype)
+
+
+def copy_records(records: np.ndarray) -> np.ndarray:
+    """A writable copy with every byte kept."""
+    return select_records(records, slice(None))
+
+
 def parse_keywords(ext: Extension, path: str | None,
                    warnings: list[str] | None = None) -> list[str]:
     """``mail_index_map_parse_keywords``: the keyword names of the ``keywords`` header."""

@@ -14,6 +14,7 @@ everything that reads an index (dump, cache lookups) reads a replayed view the s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from .index_file import (
     Extension,
     IndexFile,
     concat_records,
+    copy_records,
     header_field_offset,
     record_bytes,
+    select_records,
 )
 from .log_file import (
     Append,
@@ -41,12 +44,22 @@ from .log_file import (
     ExtReset,
     FlagUpdate,
     HeaderUpdate,
+    HeaderUpdateItem,
     KeywordReset,
     KeywordUpdate,
     LogFile,
     LogRecord,
     ModseqUpdate,
 )
+from .log_file import _parse_payload as parse_payload
+from .replay_batch import (
+    Framed,
+    NeedReference,
+    apply_run,
+    record_modseqs,
+    structural_mask,
+)
+from .replay_batch import tracked_tail as tracked_tail_of
 
 INDEX_NAME = "dovecot.index"
 EXT_INTRO_FLAG_NO_SHRINK = 0x01
@@ -73,15 +86,26 @@ class MailboxView:
     :ivar files: the log files that were replayed, oldest first
     """
 
-    def __init__(self, directory: str | os.PathLike[str], prefix: str = INDEX_NAME) -> None:
+    def __init__(self, directory: str | os.PathLike[str], prefix: str = INDEX_NAME, *,
+                 batched: bool = True) -> None:
         self.directory = Path(directory)
         self.prefix = prefix
         self.index_path = self.directory / prefix
+        self.batched = batched
+        self._start()
+        try:
+            self._replay()
+        except NeedReference:
+            # something the batched rules do not cover: the reference rules decide
+            self.batched = False
+            self._start()
+            self._replay()
+
+    def _start(self) -> None:
         self.files: list[Path] = []
         self.state = ReplayState()
         self.index = self._load_index()
         self.highest_modseq = 0
-        self._replay()
 
     # ------------------------------------------------------------------ setup ---
     def _load_index(self) -> IndexFile:
@@ -90,7 +114,7 @@ class MailboxView:
                 idx = IndexFile(disk.header.copy(), [
                     Extension(e.name, e.reset_id, e.record_offset, e.record_size,
                               e.record_align, e.hdr_data, e.offset)
-                    for e in disk.extensions], np.array(disk.records),
+                    for e in disk.extensions], copy_records(disk.records),
                     base_header_extra=disk.base_header_extra, path=str(self.index_path))
             return idx
         idx = IndexFile.new(indexid=0)
@@ -128,17 +152,28 @@ class MailboxView:
                 # (``max_tail_offset``) starts at 0 and follows the whole file from
                 # hdr_size: only tail header updates (and external records right after
                 # the tail they set) move it.
-                tracked_tail = 0
                 self.files.append(path)
-                self.state.modseq = self._modseq_at(lf, begin)
-                for rec in lf.records():
-                    if rec.offset >= lf.sync_offset:
-                        break
-                    tracked_tail = self._track_tail(rec, tracked_tail)
-                    if rec.offset < begin:
-                        continue
-                    self._apply(rec)
-                    self.state.modseq = rec.modseq
+                fr = Framed.of(lf)
+                r_end = int(np.searchsorted(fr.offs, lf.sync_offset))
+                r_begin = int(np.searchsorted(fr.offs, begin))
+                tracked_tail = tracked_tail_of(fr, r_end)
+                if self.batched and lf.header.initial_modseq:
+                    mods = record_modseqs(fr, 0, r_end, int(lf.header.initial_modseq))
+                    self.state.modseq = int(mods[r_begin - 1]) if r_begin else \
+                        int(lf.header.initial_modseq)
+                    self._replay_batched(fr, r_begin, r_end, mods)
+                    if r_end:
+                        self.state.modseq = int(mods[r_end - 1])
+                else:
+                    self.batched = False
+                    self.state.modseq = self._modseq_at(lf, begin)
+                    for rec in lf.records():
+                        if rec.offset >= lf.sync_offset:
+                            break
+                        if rec.offset < begin:
+                            continue
+                        self._apply(rec)
+                        self.state.modseq = rec.modseq
                 if lf.header.file_seq != hdr.log_file_seq:
                     hdr.log_file_tail_offset = 0
                 hdr.log_file_seq = lf.header.file_seq
@@ -149,6 +184,33 @@ class MailboxView:
         finally:
             for _, lf in logs:
                 lf.close()
+
+    def _replay_batched(self, fr: Framed, r0: int, r1: int, mods: np.ndarray) -> None:
+        """Runs of batchable records at once (:mod:`.replay_batch`), the records that
+        reshape the map one by one; the window grows while no such record turns up."""
+        r, window = r0, 256
+        while r < r1:
+            hi = min(r + window, r1)
+            structural = np.flatnonzero(structural_mask(self, fr, r, hi))
+            if not len(structural):
+                apply_run(self, fr, r, hi, mods, 0)
+                r, window = hi, window * 2
+                continue
+            first = r + int(structural[0])
+            apply_run(self, fr, r, first, mods, 0)
+            self._apply_one(fr, first, int(mods[first]))
+            r, window = first + 1, 256
+
+    def _apply_one(self, fr: Framed, r: int, modseq: int) -> None:
+        rtype = int(fr.types[r])
+        data = fr.data(r)
+        try:
+            payload, _ = parse_payload(rtype, data, self.state.cur_intro)
+        except Exception as e:  # noqa: BLE001 - the reference replay words the error
+            raise NeedReference("payload") from e
+        self._apply(LogRecord(r, int(fr.offs[r]), int(fr.sizes[r]), rtype, modseq,
+                              payload, data))
+        self.state.modseq = modseq
 
     def _modseq_at(self, lf: LogFile, offset: int) -> int:
         if offset <= lf.header.hdr_size:
@@ -165,24 +227,6 @@ class MailboxView:
         fresh.path = self.index.path
         fresh.header.log_file_seq = lf.header.file_seq
         self.index = fresh
-
-    @staticmethod
-    def _track_tail(rec: LogRecord, tail: int) -> int:
-        """``log_file_track_sync``: the tail offset this file's records imply."""
-        if not rec.external:
-            return tail
-        if isinstance(rec.payload, HeaderUpdate):
-            for item in rec.payload.items:
-                if item.offset <= _TAIL and item.offset + item.size >= _TAIL + 4:
-                    value = int.from_bytes(item.data[_TAIL - item.offset:
-                                                     _TAIL - item.offset + 4], "little")
-                    if value > rec.end:
-                        raise CorruptLogError(None, f"log_file_tail_offset update {value} "
-                                              "points past the record", rec.offset)
-                    return max(tail, value)
-        if rec.offset == tail:
-            return rec.end
-        return tail
 
     # --------------------------------------------------------------- records ---
     def _apply(self, rec: LogRecord) -> None:
@@ -305,7 +349,7 @@ class MailboxView:
             self._counts_only(int(idx.records["uid"][i]), int(idx.records["flags"][i]), 0)
         keep = np.ones(len(idx.records), bool)
         keep[pos] = False
-        idx.records = idx.records[keep]
+        idx.records = select_records(idx.records, keep)
         idx.header.messages_count = len(idx.records)
 
     def _flag_update(self, p: FlagUpdate, modseq: int) -> None:
@@ -336,10 +380,13 @@ class MailboxView:
 
     def _header_update(self, p: HeaderUpdate) -> None:
         """``sync_header_update``: copy bytes; next_uid never goes back; tail is kept."""
+        self._header_update_items(p.items)
+
+    def _header_update_items(self, items: Sequence[HeaderUpdateItem]) -> None:
         h = self.index.header
         image = bytearray(b.MailIndexHeader.build(h))
         base = h.base_header_size
-        for item in p.items:
+        for item in items:
             if item.offset + item.size > base:
                 raise CorruptLogError(None, f"Header update outside range: {item.offset} + "
                                       f"{item.size} > {base}")

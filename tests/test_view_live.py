@@ -49,5 +49,8 @@ def test_replay_equals_doveadm_dump(live_dovecot_factory, seed: int) -> None:  #
     run_scenario(dc, random.Random(seed))
     directory = dc.mailbox_dir("INBOX")
     theirs = dc.dump(directory)
-    ours = index_text(MailboxView(directory).index, str(directory))
-    assert ours.splitlines() == theirs.splitlines(), f"seed {seed} ({backend})"
+    for batched in (True, False):  # the batched replay and the reference rules
+        view = MailboxView(directory, batched=batched)
+        ours = index_text(view.index, str(directory))
+        assert ours.splitlines() == theirs.splitlines(), f"seed {seed} ({backend}) " \
+            f"batched={view.batched}"
