@@ -27,6 +27,15 @@ def _index_path(path: str) -> str:
     return path
 
 
+def _write_bytes(raw: bytes) -> None:
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:
+        sys.stdout.write(raw.decode("utf-8", "surrogateescape"))
+        return
+    sys.stdout.flush()
+    out.write(raw)
+
+
 def _write_text(text: str) -> None:
     """Names in logs may hold any bytes (decoded with surrogateescape): write them back
     unchanged."""
@@ -49,7 +58,13 @@ def cmd_dump_log(args: argparse.Namespace) -> int:
             json.dump(dump_log.log_json(log), sys.stdout, indent=1)
             sys.stdout.write("\n")
         else:
-            _write_text(dump_log.log_text(log))
+            from .dump_log_fast import log_bytes_fast
+
+            raw = log_bytes_fast(log)  # None: the line-by-line printer words problems
+            if raw is None:
+                _write_text(dump_log.log_text(log))
+            else:
+                _write_bytes(raw)
     return 0
 
 

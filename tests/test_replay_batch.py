@@ -167,3 +167,32 @@ def test_batched_path_is_taken_for_plain_logs(tmp_path: Path) -> None:
     assert view.index.messages_count == 199
     assert np.all(view.index.records["flags"] & b.MAIL_FLAGGED)
     assert view.index.header.seen_messages_count == 100
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fast_log_dump_equals_line_by_line(seed: int) -> None:
+    """The column-wise log dump prints exactly what the line-by-line printer prints
+    (which test_log_file.py proves equal to doveadm), or declines."""
+    from dovecot_index.dump_log import log_text
+    from dovecot_index.dump_log_fast import log_text_fast
+    from dovecot_index.log_file import LogFile
+
+    log = LogFile.parse(random_log(random.Random(seed)), path="x.log")
+    fast = log_text_fast(log)
+    assert fast is not None
+    assert fast == log_text(log)
+
+
+def test_fast_log_dump_of_fixtures() -> None:
+    from dovecot_index.dump_log_fast import log_text_fast
+    from dovecot_index.log_file import LogFile
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    logs = [p for p in fixtures.glob("**/dovecot.index.log*") if p.suffix != ".txt"]
+    assert len(logs) >= 15
+    for path in logs:
+        with LogFile.open(path, lenient=True) as log:
+            fast = log_text_fast(log)
+        stored = path.with_name(path.name + ".dump.txt")
+        if stored.exists():
+            assert fast == stored.read_text(), path
