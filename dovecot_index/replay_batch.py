@@ -238,6 +238,9 @@ def structural_mask(view: MailboxView, fr: Framed, r0: int, r1: int) -> np.ndarr
                    K.EXT_HDR_UPDATE32, K.HEADER_UPDATE, K.MODSEQ_UPDATE, *_NOOP_KINDS)
     mask = ~np.isin(kinds, batch_kinds)
     idx = view.index
+    if not view.state.modseq_active and idx.ext("modseq") is not None:
+        # the header update that starts message modseqs is applied on its own
+        mask |= np.isin(kinds, (K.EXT_HDR_UPDATE, K.EXT_HDR_UPDATE32))
     # extension intros: only "nothing changes" intros of existing exts are batchable
     intro = np.flatnonzero(kinds == K.EXT_INTRO) + r0
     if len(intro):
@@ -578,7 +581,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         width = min(data.shape[1], ext.record_size)
         raw[p, ext.record_offset:ext.record_offset + width] = data[:, :width]
         raw[p, ext.record_offset + width:ext.record_offset + ext.record_size] = 0
-    if "modseq" in (allrec.dtype.names or ()):
+    if view.state.modseq_active and "modseq" in (allrec.dtype.names or ()):
         ms = allrec["modseq"].astype(np.uint64)
 
         def bump(p: np.ndarray, value: np.ndarray) -> None:

@@ -75,6 +75,7 @@ class ReplayState:
     cur_ext_ignore: bool = False      # intro reset_id differs: skip hdr/rec/inc updates
     cur_intro: ExtIntro | None = None
     modseq: int = 0
+    modseq_active: bool = False       # message modseqs tracked (``modseq_ctx->mmap``)
     errors: list[str] = field(default_factory=list)
 
 
@@ -106,6 +107,16 @@ class MailboxView:
         self.state = ReplayState()
         self.index = self._load_index()
         self.highest_modseq = 0
+
+    @property
+    def status_highest_modseq(self) -> int:
+        """HIGHESTMODSEQ as ``STATUS`` reports it (``mail_index_modseq_get_highest``):
+        the ``modseq`` header if present and non-zero, else the log's; 0 shows as 1."""
+        ext = self.index.ext("modseq")
+        value = 0
+        if ext is not None and ext.hdr_size >= 16:
+            value = b.MailIndexModseqHeader.parse(ext.hdr_data[:16]).highest_modseq
+        return max(1, value or self.highest_modseq)
 
     # ------------------------------------------------------------------ setup ---
     def _load_index(self) -> IndexFile:
@@ -141,6 +152,7 @@ class MailboxView:
                 return
             if self.index.header.indexid == 0:
                 self.index.header.indexid = chosen[-1][1].header.indexid
+            self.state.modseq_active = self.index.ext("modseq") is not None
             for i, (path, lf) in enumerate(chosen):
                 first = i == 0 and lf.header.file_seq == start_seq
                 begin = start_off if first else lf.header.hdr_size
@@ -272,7 +284,8 @@ class MailboxView:
                                                                           strict=True)]))
 
     def _set_message_modseq(self, pos: np.ndarray, modseq: int) -> None:
-        if "modseq" in (self.index.records.dtype.names or ()) and len(pos):
+        if self.state.modseq_active and "modseq" in (self.index.records.dtype.names or ()) \
+                and len(pos):
             self.index.records["modseq"][pos] = np.maximum(
                 self.index.records["modseq"][pos], modseq)
 
@@ -478,6 +491,20 @@ class MailboxView:
                                       rec.offset)
             data[item.offset:item.offset + item.size] = item.data
         ext.hdr_data = bytes(data)
+        if ext.name == "modseq":
+            self._modseq_hdr_update(ext)
+
+    def _modseq_hdr_update(self, ext: Extension) -> None:
+        """``mail_index_modseq_hdr_update``: the first header update of a newly added
+        ``modseq`` extension starts message modseqs; every message that has none (all
+        of them) gets the header's highest modseq."""
+        if self.state.modseq_active or ext.hdr_size < 16:
+            return
+        self.state.modseq_active = True
+        highest = b.MailIndexModseqHeader.parse(ext.hdr_data[:16]).highest_modseq
+        if "modseq" in (self.index.records.dtype.names or ()) and highest:
+            column = self.index.records["modseq"]
+            column[column == 0] = highest
 
     def _ext_rec_update(self, p: ExtRecUpdate, rec: LogRecord) -> None:
         ext = self._cur_ext()
