@@ -783,10 +783,14 @@ class LogFile:
         n4 = (end - base) // 4
         raw = np.frombuffer(buf, dtype=">u4", count=n4, offset=base) if n4 else \
             np.zeros(0, ">u4")
-        words = raw.astype(np.uint32)
-        q = ((words & 0x7F) | ((words >> 8) & 0x7F) << 7 | ((words >> 16) & 0x7F) << 14
-             | ((words >> 24) & 0x7F) << 21)
-        q[(words & 0x80808080) != 0x80808080] = 0
+        # decode only the words that look like sizes (all four high bits set)
+        le_all = raw.view("<u4")
+        looks = (le_all & 0x80808080) == 0x80808080
+        where = np.flatnonzero(looks)
+        w = raw[where].astype(np.uint32)
+        q = np.zeros(n4, np.uint32)
+        q[where] = ((w & 0x7F) | ((w >> 8) & 0x7F) << 7 | ((w >> 16) & 0x7F) << 14
+                    | ((w >> 24) & 0x7F) << 21)
         idx = _record_chain(q, n4)
         i = int(idx[-1] + q[idx[-1]]) if len(idx) else 0
         stop_reason = int(q[i]) if i < n4 and q[i] < 2 else 0

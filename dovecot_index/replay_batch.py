@@ -69,18 +69,24 @@ class Framed:
     types: np.ndarray      # uint32
     kinds: np.ndarray      # uint32, masked
     external: np.ndarray   # bool
+    words: np.ndarray | None = None  # the file as little-endian u32 (4-aligned reads)
+    keywords: tuple[np.ndarray, list[str], np.ndarray] | None = None
 
     @classmethod
     def of(cls, lf: LogFile) -> Framed:
         types = lf.frame_types.astype(np.uint32)
-        return cls(lf, np.frombuffer(lf.data, dtype=np.uint8), lf.frame_offsets,
-                   lf.frame_sizes, types, types & MAIL_TRANSACTION_TYPE_MASK,
-                   (types & MAIL_TRANSACTION_EXTERNAL) != 0)
+        buf = np.frombuffer(lf.data, dtype=np.uint8)
+        return cls(lf, buf, lf.frame_offsets, lf.frame_sizes, types,
+                   types & MAIL_TRANSACTION_TYPE_MASK,
+                   (types & MAIL_TRANSACTION_EXTERNAL) != 0,
+                   np.frombuffer(lf.data, dtype="<u4", count=len(buf) // 4))
 
     def u32(self, pos: np.ndarray) -> np.ndarray:
         """Little-endian u32 at byte positions ``pos``."""
-        bb = self.buf
         p = pos.astype(np.int64)
+        if self.words is not None and len(p) and not np.any(p & 3):
+            return self.words[p >> 2].astype(np.uint32)
+        bb = self.buf
         return (bb[p].astype(np.uint32) | bb[p + 1].astype(np.uint32) << 8
                 | bb[p + 2].astype(np.uint32) << 16 | bb[p + 3].astype(np.uint32) << 24)
 
@@ -203,7 +209,17 @@ def tracked_tail(fr: Framed, r_end: int) -> int:
 # ------------------------------------------------------------------- classify ---
 def keyword_names(fr: Framed, recs: np.ndarray) -> tuple[list[str], np.ndarray]:
     """The keyword of each KEYWORD_UPDATE record: (distinct names, index per record).
-    Names are gathered per name length and made distinct with numpy, so only distinct
+    Computed once per file for all its keyword records."""
+    if fr.keywords is None:
+        every = np.flatnonzero(fr.kinds == K.KEYWORD_UPDATE)
+        names, which = _keyword_names(fr, every)
+        fr.keywords = (every, names, which)
+    every, names, which = fr.keywords
+    return names, which[np.searchsorted(every, recs)]
+
+
+def _keyword_names(fr: Framed, recs: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Names are gathered per name length and made distinct with numpy, so only distinct
     names are decoded in Python."""
     ns = fr.u16(fr.offs[recs] + 10).astype(np.int64)
     names: list[str] = []
@@ -465,7 +481,9 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         ok = alive_at(p, owner[it])
         p, it = p[ok], it[ok]
         rec_of = np.searchsorted(kws, owner[it])
-        kw_index = np.array([index_of[n.lower()] for n in names], dtype=np.int64)
+        kw_index = np.array([index_of.get(n.lower(), -1) for n in names], dtype=np.int64)
+        if np.any(kw_index[which] < 0):
+            raise NeedReference("keyword not in the map")
         row_kw = kw_index[which[rec_of]]
         row_set = 1 - modify[rec_of]
         row_r = owner[it]
