@@ -117,3 +117,19 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys) -> None:  # type: ignore[
     assert err == f"dovecot-index: {bad}: File too small (52) at offset 0\n"
     assert cli_main(["dump", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("dovecot-index: ")
+
+
+def test_column_wise_records_equal_line_by_line() -> None:
+    """record_text (numpy) prints what record_lines (one message at a time) prints."""
+    from dovecot_index.dump import record_lines, record_text
+    from tests.test_index_file import build_virtual_index
+
+    idx = build_virtual_index(300)
+    idx.add_extension("modseq", hdr_data=bytes(16), record_size=8, record_align=8)
+    idx.add_extension("odd", record_size=3, record_align=1)
+    idx.records["modseq"] = idx.records["uid"].astype("u8") * 12345678901
+    cache_lines = [[" - cache offset=1 size=2, prev_offset = 0", "    - x: (00)"]
+                   if i % 7 == 0 else [] for i in range(300)]
+    want = "".join(line + "\n" for line in record_lines(idx, cache_lines))
+    assert record_text(idx, cache_lines) == want
+    assert record_text(idx) == "".join(line + "\n" for line in record_lines(idx))
