@@ -103,7 +103,11 @@ class RowText:
         matrix = np.zeros((self.rows, self.width), np.uint8)
         for rows, col, blk, mask in self.parts:
             w = blk.shape[1]
-            matrix[rows, col:col + w] = blk if mask is None else np.where(mask, blk, 0)
+            value = blk if mask is None else np.where(mask, blk, 0)
+            if len(rows) == self.rows:  # every row, in order: a plain slice
+                matrix[:, col:col + w] = value
+            else:
+                matrix[rows, col:col + w] = value
         keep = matrix != 0
         return matrix[keep].tobytes(), keep.sum(axis=1) if row_lengths else None
 
