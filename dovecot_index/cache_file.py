@@ -40,6 +40,7 @@ from construct import Int8ul, Int32ul, Struct
 
 from .binary import offset_to_uint32
 from .errors import CorruptCacheError
+from .filemap import map_readonly
 
 if TYPE_CHECKING:
     from .index_file import IndexFile
@@ -411,12 +412,7 @@ class CacheFile:
         lookups; when given, its ``indexid`` must match (else
         :class:`CacheIndexMismatchError`)."""
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except OSError as e:
-            raise CorruptCacheError(path, f"cannot read: {e.strerror}") from e
+        mm = map_readonly(path, CorruptCacheError)
         return cls(mm if mm is not None else b"", path=path, index=index, _mmap=mm)
 
     @classmethod

@@ -293,7 +293,7 @@ def index_text(idx: IndexFile, path: str | None = None, *, detected: bool = True
 def record_text(idx: IndexFile, cache_lines: list[list[str]] | None = None) -> str:
     """:func:`record_lines` joined, rendered column-wise (:mod:`.textfmt`): the same
     text, without a Python loop over the messages except to splice in cache lines."""
-    from .textfmt import Cells, Dec, Hex, RowText
+    from .textfmt import Cells, Dec, Hex, RowText, splice
 
     n = len(idx.records)
     if n == 0:
@@ -341,14 +341,7 @@ def record_text(idx: IndexFile, cache_lines: list[list[str]] | None = None) -> s
     if extra:
         # cache lines go before each record's closing empty line
         assert row_len is not None
-        ends = np.cumsum(row_len) - 1
-        pieces, done = [], 0
-        for seq in sorted(extra):
-            cut = int(ends[seq])
-            pieces += [body[done:cut], extra[seq]]
-            done = cut
-        pieces.append(body[done:])
-        body = b"".join(pieces)
+        body = splice(body, np.cumsum(row_len) - 1, extra)
     return body.decode("utf-8", "surrogateescape")
 
 

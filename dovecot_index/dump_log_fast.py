@@ -16,7 +16,7 @@ from .dump_log import _Printer, header_lines, type_text
 from .log_file import _NO_EXT_ID, LogFile, LogRecord, _parse_payload
 from .replay_batch import Framed, NeedReference, _check_ranges, _items, keyword_names
 from .replay_batch import record_modseqs as _record_modseqs
-from .textfmt import Cells, Dec, Hex, RowText, masked
+from .textfmt import Cells, Dec, Hex, RowText, masked, splice
 
 K = __import__("dovecot_index.log_file", fromlist=["RecordKind"]).RecordKind
 _MAX_HEX_BYTES = 64
@@ -250,11 +250,4 @@ def _render(log: LogFile, fr: Framed, all_mods: np.ndarray, intro_all: np.ndarra
     if not extra:
         return body
     assert row_len is not None
-    ends = np.cumsum(row_len)
-    pieces, done = [], 0
-    for r in sorted(extra):
-        cut = int(ends[r])
-        pieces += [body[done:cut], extra[r]]
-        done = cut
-    pieces.append(body[done:])
-    return b"".join(pieces)
+    return splice(body, np.cumsum(row_len), extra)

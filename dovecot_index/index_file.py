@@ -29,6 +29,7 @@ from .errors import (
     IndexWriteError,
     UnsupportedVersionError,
 )
+from .filemap import map_readonly
 
 KEYWORDS_EXT = "keywords"
 _FIELD_OFFSETS = {}
@@ -261,13 +262,7 @@ class IndexFile:
     def open(cls, path: str | os.PathLike[str], *, strict: bool = True) -> IndexFile:
         """Open and validate a ``dovecot.index`` file; records stay in a read-only mmap."""
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mm = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size
-                      else None)
-        except OSError as e:
-            raise CorruptIndexError(path, f"cannot read: {e.strerror}") from e
+        mm = map_readonly(path, CorruptIndexError)
         if mm is None:
             return cls.parse(b"", path=path, strict=strict)
         error: DovecotIndexError | None = None

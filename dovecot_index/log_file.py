@@ -35,6 +35,7 @@ from construct import Container
 
 from . import binary as b
 from .errors import CorruptLogError
+from .filemap import map_readonly
 from .index_file import write_atomic
 
 # ---------------------------------------------------------------- record types ---
@@ -688,12 +689,7 @@ class LogFile:
         such logs too).
         """
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except OSError as e:
-            raise CorruptLogError(path, f"cannot read: {e.strerror}") from e
+        mm = map_readonly(path, CorruptLogError)
         if mm is None:
             return cls(b"", path=path, lenient=lenient)
         error: CorruptLogError | None = None

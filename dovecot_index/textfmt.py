@@ -140,3 +140,15 @@ def masked(seg: Segment, count: int, keep: np.ndarray) -> Cells:
     if used is None:
         return Cells(np.ascontiguousarray(blk), np.repeat(keep[:, None], blk.shape[1], 1))
     return Cells(blk, used & keep[:, None])
+
+
+def splice(body: bytes, cuts: np.ndarray, extra: dict[int, bytes]) -> bytes:
+    """Insert ``extra[row]`` into ``body`` at byte offset ``cuts[row]`` (rows ascending):
+    for the few rows whose text comes from a line-by-line printer."""
+    pieces, done = [], 0
+    for row in sorted(extra):
+        cut = int(cuts[row])
+        pieces += [body[done:cut], extra[row]]
+        done = cut
+    pieces.append(body[done:])
+    return b"".join(pieces)
