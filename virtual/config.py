@@ -1,0 +1,167 @@
+"""``dovecot-virtual``: the definition of a virtual mailbox, and its ``search_args_crc32``.
+
+Mirrors ``src/plugins/virtual/virtual-config.c`` (``virtual_config_read``,
+``virtual_config_parse_line``, ``virtual_config_add_rule``): unindented lines name
+backend mailboxes (optionally ``+`` drop \\Recent, ``-`` exclude from wildcards, ``!``
+save here, ``/entry:value`` metadata filters; ``*``/``%`` wildcards), indented lines
+continue the search rule that applies to the mailboxes named since the previous rule,
+an empty line closes a rule, ``#`` in column 0 starts a comment. The crc is
+``crc32_str_more`` chained over every closed rule's text, starting at 0xFFFFFFFF;
+editing the rules changes it, and Dovecot then forgets the stored mailbox ids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crcmod.predefined
+
+from dovecot_index.errors import DovecotIndexError
+
+VIRTUAL_CONFIG_FNAME = "dovecot-virtual"
+_CRC32 = crcmod.predefined.mkPredefinedCrcFun("crc-32")
+
+
+class VirtualConfigError(DovecotIndexError):
+    """A ``dovecot-virtual`` Dovecot would refuse; ``reason`` is Dovecot's text
+    (``Error at line N: ...``, ``No mailboxes defined``)."""
+
+
+def crc32_str_more(crc: int, text: bytes) -> int:
+    """``crc32_str_more``: CRC-32 of ``text`` continuing from ``crc``."""
+    return _CRC32(text, crc)
+
+
+@dataclass
+class BackendRule:
+    """One mailbox line (``struct virtual_backend_box`` as configured)."""
+
+    name: str
+    line: int
+    clear_recent: bool = False      # "+"
+    negative_match: bool = False    # "-"
+    save: bool = False              # "!"
+    metadata_entry: str | None = None
+    metadata_value: str | None = None
+    search: str = ""                # the rule text as Dovecot parses it ("" = ALL)
+
+    @property
+    def is_pattern(self) -> bool:
+        """A name with ``*``/``%`` expanded over the mailbox list (not for ``!`` or
+        metadata lines)."""
+        return not self.save and self.metadata_entry is None and \
+            ("*" in self.name or "%" in self.name)
+
+
+@dataclass
+class VirtualConfig:
+    """The parsed file: backend lines in file order and the crc Dovecot stores."""
+
+    backends: list[BackendRule] = field(default_factory=list)
+    search_args_crc32: int = 0xFFFFFFFF
+    path: str | None = None
+
+    @property
+    def have_wildcards(self) -> bool:
+        return any(b.is_pattern for b in self.backends)
+
+
+def parse_virtual_config(data: bytes, *, path: str | None = None,
+                         vname: str | None = None,
+                         namespace_prefixes: list[str] | None = None) -> VirtualConfig:
+    """Parse ``dovecot-virtual`` bytes with Dovecot's line rules.
+
+    :param vname: the virtual mailbox's own name (``Virtual/all``): naming it is an error.
+    :param namespace_prefixes: when given, every non-metadata name must fall in one of
+        them (``""`` is the inbox namespace), as ``mail_namespace_find`` requires.
+    :raises VirtualConfigError: with Dovecot's message (``Error at line N: ...``).
+    """
+    shown = path or VIRTUAL_CONFIG_FNAME
+    cfg = VirtualConfig(path=path)
+    rule = bytearray()
+    rule_idx = 0  # first backend the pending rule applies to
+    have_defines = False
+    save_seen = False
+
+    def add_rule(line_no: int) -> None:
+        nonlocal rule_idx
+        if rule_idx == len(cfg.backends):
+            return
+        cfg.search_args_crc32 = crc32_str_more(cfg.search_args_crc32, bytes(rule))
+        text = bytes(rule).decode("utf-8", "surrogateescape")
+        for b in cfg.backends[rule_idx:]:
+            b.search = text
+        rule.clear()
+        rule_idx = len(cfg.backends)
+
+    def fail(line_no: int, message: str) -> VirtualConfigError:
+        return VirtualConfigError(shown, f"Error at line {line_no}: {message}")
+
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # a final LF ends the last line; no empty line after it
+    line_no = 0
+    for raw in lines:
+        line_no += 1
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if raw.startswith(b"#"):
+            continue
+        if raw == b"":
+            add_rule(line_no)
+            continue
+        if raw[:1] in (b" ", b"\t"):
+            if rule_idx == len(cfg.backends):
+                raise fail(line_no, "Search rule without a mailbox")
+            rule += b" " + raw.lstrip(b" \t")
+            continue
+        if rule:
+            add_rule(line_no)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(line_no, "Mailbox name not UTF-8: "
+                       + raw.decode("utf-8", "surrogateescape")) from None
+        if line.lower() == "inbox":
+            line = "INBOX"
+        b = BackendRule(name=line, line=line_no)
+        if line[:1] == "+":
+            b.name, b.clear_recent = line[1:], True
+        elif line[:1] == "-":
+            b.name, b.negative_match = line[1:], True
+        elif line[:1] == "!":
+            if save_seen:
+                raise fail(line_no, "Multiple save mailboxes defined")
+            b.name, b.save, save_seen = line[1:], True, True
+        if b.name.startswith("/"):
+            if ":" not in b.name:
+                raise fail(line_no, "':' separator missing between metadata entry name "
+                           "and value")
+            b.metadata_entry, b.metadata_value = b.name.split(":", 1)
+        else:
+            if namespace_prefixes is not None and b.name.upper() != "INBOX" and not any(
+                    b.name.startswith(p) for p in namespace_prefixes):
+                raise fail(line_no, f"Namespace not found for {b.name}")
+            if vname is not None and b.name == vname:
+                raise fail(line_no, "Virtual mailbox can't point to itself")
+            have_defines = True
+        cfg.backends.append(b)
+    add_rule(line_no)
+    if not have_defines:
+        raise VirtualConfigError(shown, "No mailboxes defined")
+    return cfg
+
+
+def read_virtual_config(directory: str | os.PathLike[str], **kwargs: object) -> VirtualConfig:
+    """Read ``DIR/dovecot-virtual`` (``virtual_config_read``)."""
+    path = Path(directory) / VIRTUAL_CONFIG_FNAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise VirtualConfigError(str(path), "no dovecot-virtual: not a virtual "
+                                 "mailbox") from None
+    except OSError as e:
+        raise VirtualConfigError(str(path), f"cannot read: {e.strerror}") from e
+    return parse_virtual_config(data, path=str(path), **kwargs)  # type: ignore[arg-type]
