@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the dovecot.index file itself, without replaying the log")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dump)
+    from .storage import register_status
+
+    register_status(sub)
     return parser
 
 
