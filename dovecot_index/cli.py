@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .storage import register_status
 
     register_status(sub)
+    from virtual.inspect import register_inspect
+
+    register_inspect(sub)
     return parser
 
 
