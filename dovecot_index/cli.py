@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_status(sub)
     from virtual.inspect import register_inspect
+    from virtual.repair import register_repair
 
     register_inspect(sub)
+    register_repair(sub)
     return parser
 
 
