@@ -101,6 +101,28 @@ def _print_index(dump, idx: IndexFile, args: argparse.Namespace) -> None:  # typ
         _write_text(dump.index_text(idx, args.path))
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """``dovecot-index search``: the UIDs ``UID SEARCH`` would answer."""
+    from .search import MailboxSearch
+
+    if args.config:
+        from .storage import MailStorage, parse_config
+
+        config = parse_config(args.config).for_protocol(args.protocol or None)
+        user = args.user if args.user is not None else os.environ.get("USER", "")
+        with MailStorage(config, user, args.home).mailbox(args.mailbox) as box:
+            directory = str(box.index_dir)
+    elif os.path.isdir(args.mailbox):
+        directory = args.mailbox
+    else:
+        raise DovecotIndexError(args.mailbox, "not a directory; give --config (and "
+                                "--home) to find a mailbox by name")
+    with MailboxSearch(directory) as searcher:
+        uids = searcher.uids(" ".join(args.query))
+    sys.stdout.write("".join(f"{u}\n" for u in uids.tolist()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect and repair Dovecot's on-disk index files.")
@@ -123,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .storage import register_status
 
     register_status(sub)
+    p = sub.add_parser(
+        "search", help="UIDs matching an IMAP SEARCH program, read from the files",
+        description="Evaluate an IMAP SEARCH program (the syntax of dovecot-virtual rules "
+        "and IMAP SEARCH; the words are joined by spaces) over a mailbox's index, cache "
+        "and message files, and print the matching UIDs, one per line, ascending. "
+        "Nothing is written.")
+    p.add_argument("mailbox", help="mailbox name (with --config) or its index directory")
+    p.add_argument("query", nargs="+", help="the search program, e.g. OR SEEN FLAGGED")
+    p.add_argument("--config", "-c", default=None, help="dovecot.conf")
+    p.add_argument("--home", default=None, help="the user's home directory")
+    p.add_argument("--user", "-u", default=None, help="user name for %%u")
+    p.add_argument("--protocol", default="doveadm")
+    p.set_defaults(func=cmd_search)
     from virtual.inspect import register_inspect
     from virtual.repair import register_repair
 
