@@ -105,14 +105,40 @@ def _tab_line(values: list[object]) -> str:
     return "\t".join(str(v) for v in values) + "\n"
 
 
+def bare_mailbox(path: str, user: str = "") -> tuple[MailStorage, str]:
+    """A storage for one mailbox directory given by path, without a configuration: an
+    sdbox ``.../mailboxes/NAME/dbox-Mails`` directory or a Maildir folder (it becomes
+    the INBOX of ``maildir:PATH``). Returns the storage and the mailbox name to open."""
+    directory = os.path.abspath(path)
+    if os.path.basename(directory) == "dbox-Mails":
+        box_dir = os.path.dirname(directory)
+        root = os.path.dirname(os.path.dirname(box_dir))
+        text = f"mail_location = sdbox:{root}\nnamespace inbox {{\n  inbox = yes\n" \
+               "  separator = /\n}\n"
+        name = os.path.basename(box_dir)
+    elif any(os.path.exists(os.path.join(directory, n))
+             for n in ("dovecot-uidlist", "cur", "new")):
+        text = f"mail_location = maildir:{directory}\nnamespace inbox {{\n  inbox = yes\n" \
+               "  separator = /\n}\n"
+        name = "INBOX"
+    else:
+        raise DovecotIndexError(path, "not an sdbox dbox-Mails directory or a Maildir "
+                                "folder (give --config and a mailbox name instead)")
+    config = parse_config_text(text, path="<bare mailbox>")
+    return MailStorage(config, user, directory), name
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``dovecot-index status``: ``doveadm mailbox status`` (+ ``fetch``) from the files."""
-    config = parse_config(args.config).for_protocol(args.protocol or None)
     user = args.user if args.user is not None else os.environ.get("USER", "")
-    home = args.home
-    if home is None and not config.mail_home:
-        home = os.environ.get("HOME")   # what doveadm uses without -u
-    storage = MailStorage(config, user, home)
+    if os.path.isdir(args.mailbox):
+        storage, args.mailbox = bare_mailbox(args.mailbox, user)
+    else:
+        config = parse_config(args.config).for_protocol(args.protocol or None)
+        home = args.home
+        if home is None and not config.mail_home:
+            home = os.environ.get("HOME")   # what doveadm uses without -u
+        storage = MailStorage(config, user, home)
     fields = args.fields.split() if args.fields else list(STATUS_FIELDS)
     unknown = [f for f in fields if f not in STATUS_FIELDS]
     if unknown:
