@@ -78,3 +78,23 @@ def test_inspect_errors_are_one_line(tmp_path: Path, capsys) -> None:  # type: i
     assert cli_main(["inspect", "Virtual/x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dovecot-index: Virtual/x: ") and err.count("\n") == 1
+
+
+def test_inspect_sees_uid_validity_and_guid_changes(live_dovecot_factory, capsys) -> None:  # type: ignore[no-untyped-def]
+    from dovecot_index.live import Message
+
+    dc = live_dovecot_factory(backend="maildir", force_index_write=True)
+    dc.create_mailbox("work")
+    dc.append("work", [Message(subject="w")])
+    dc.define_virtual("all", "INBOX\nwork\n  ALL\n")
+    dc.status("Virtual/all", ["messages"])
+    dc.update_mailbox("work", uid_validity=1234567)
+    dc.update_mailbox("work", guid="0123456789abcdef0123456789abcdef")
+    rc = cli_main(["inspect", "--json", "--config", str(dc.config_path), "--home",
+                   str(dc.home), "--user", "test", "Virtual/all"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 1
+    work = next(b for b in doc["backends"] if b["name"] == "work")
+    assert any("uid validity" in r and "1234567" in r for r in work["reasons"])
+    assert any(r.startswith("GUID ") for r in work["reasons"])
+    assert any("uid validity changed" in p["message"] for p in doc["problems"])

@@ -107,3 +107,19 @@ def test_repair_keeps_uids(live_dovecot_factory, capsys, mutate) -> None:  # typ
     for uid, owner in surviving.items():
         assert after[uid] == owner
     assert cli_main(["inspect", *common, "Virtual/all"]) == 0, capsys.readouterr().out
+
+
+def test_deleting_the_index_is_what_repair_avoids(live_dovecot_factory) -> None:  # type: ignore[no-untyped-def]
+    """The cure administrators use today: a new uid validity (clients re-download)."""
+    import time
+
+    from dovecot_index.live import Message
+
+    dc = live_dovecot_factory(backend="sdbox")
+    dc.append("INBOX", [Message(subject="a")])
+    dc.define_virtual("all", "INBOX\n  ALL\n")
+    before = dc.status("Virtual/all", ["uidvalidity"])["uidvalidity"]
+    time.sleep(1.1)  # uid validity is a timestamp
+    for path in dc.mailbox_dir("Virtual/all").glob("dovecot.index*"):
+        path.unlink()
+    assert dc.status("Virtual/all", ["uidvalidity"])["uidvalidity"] != before

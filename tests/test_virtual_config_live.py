@@ -6,6 +6,7 @@ definitions give Dovecot's error text."""
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 
@@ -93,6 +94,35 @@ def test_malformed_definitions(store, text: str, message: str) -> None:  # type:
         parse_virtual_config(text.encode(), vname="Virtual/bad", path="dovecot-virtual")
     assert exc.value.reason == message
     store.define_virtual("bad", text)
-    result = store.doveadm("mailbox", "status", "messages", "Virtual/bad",
-                           expect_warning=True)
+    try:
+        result = store.doveadm("mailbox", "status", "messages", "Virtual/bad",
+                               expect_warning=True)
+    finally:  # a broken definition would break every later wildcard listing
+        shutil.rmtree(store.mailbox_dir("Virtual/bad"))
     assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("definition", [
+    "*\n-spam\n  ALL\n",
+    "work\nlists/*\n  SEEN\nINBOX\n",
+    "%\n  UNSEEN\n-work\n",
+    "lists/%\n+INBOX\n*\n-lists/b\n  ALL\n",
+])
+def test_wildcard_expansion_gives_dovecots_ids(store, definition: str) -> None:  # type: ignore[no-untyped-def]
+    """A fresh virtual mailbox: Dovecot numbers its backends 1.. in the order it expands
+    the definition, so its header shows that order."""
+    from dovecot_index.storage import MailStorage, parse_config
+    from virtual.config import assign_mailbox_ids, expand_backends
+
+    name = f"w{abs(hash(definition)) % 10**6}"
+    store.define_virtual(name, definition)
+    store.status(f"Virtual/{name}", ["messages"])
+    view = MailboxView(store.mailbox_dir(f"Virtual/{name}"))
+    stored = decode_virtual_header(view.index.ext("virtual").hdr_data)  # type: ignore[union-attr]
+    theirs = [(m.id, m.name) for m in stored.mailboxes]
+
+    storage = MailStorage(parse_config(str(store.config_path)).for_protocol("doveadm"),
+                          "test", str(store.home))
+    cfg = parse_virtual_config(definition.encode(), vname=f"Virtual/{name}")
+    ours = assign_mailbox_ids(expand_backends(cfg, storage, f"Virtual/{name}"), {}, 0)
+    assert ours == theirs

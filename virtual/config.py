@@ -165,3 +165,130 @@ def read_virtual_config(directory: str | os.PathLike[str], **kwargs: object) -> 
     except OSError as e:
         raise VirtualConfigError(str(path), f"cannot read: {e.strerror}") from e
     return parse_virtual_config(data, path=str(path), **kwargs)  # type: ignore[arg-type]
+
+
+def expand_backends(cfg: VirtualConfig, storage: object, vname: str | None = None
+                    ) -> list[BackendRule]:
+    """The backend list after ``virtual_config_expand_wildcards``: plain names in file
+    order, then every listed mailbox a wildcard matches (first matching wildcard's rule;
+    not the virtual mailbox itself, not one a ``-`` line matches, not one already
+    named), in listing order. ``storage`` is a :class:`dovecot_index.storage.MailStorage`.
+    Metadata filters are not evaluated (a mailbox a metadata line would filter is kept).
+    """
+    from dovecot_index.storage import MatchResult, imap_match
+
+    plain = [b for b in cfg.backends
+             if not b.is_pattern and not b.negative_match and b.metadata_entry is None]
+    wild = [b for b in cfg.backends if b.is_pattern and not b.negative_match]
+    neg = [b for b in cfg.backends if b.negative_match]
+    out = list(plain)
+    if not wild:
+        return out
+    named = {b.name for b in plain}
+
+    def matches(rule: BackendRule, name: str) -> bool:
+        if rule.is_pattern or "*" in rule.name or "%" in rule.name:
+            return imap_match(rule.name, name) == MatchResult.YES
+        return rule.name == name
+
+    infos = storage.list([w.name for w in wild])  # type: ignore[attr-defined]
+    order = {name: i for i, name in enumerate(listing_order(storage))}
+    infos.sort(key=lambda info: (order.get(info.name, len(order)), info.name))
+    for info in infos:
+        name = info.name
+        if name == vname or name in named:
+            continue
+        rule = next((w for w in wild if matches(w, name)), None)
+        if rule is None or any(matches(n, name) for n in neg):
+            continue
+        out.append(BackendRule(name=name, line=rule.line, clear_recent=rule.clear_recent,
+                               search=rule.search))
+        named.add(name)
+    return out
+
+
+def listing_order(storage: object) -> list[str]:
+    """Mailbox names in the order Dovecot's LIST iterates them where a mailbox list index
+    (``dovecot.list.index``) exists: per namespace, its tree with each node's children
+    newest first (``mailbox_list_index_node_add`` prepends), depth first; ``INBOX``
+    last. Mailboxes of a namespace without a list index are left out (callers order
+    them by name)."""
+    from dovecot_index.errors import DovecotIndexError
+    from dovecot_index.view import MailboxView
+
+    names: list[str] = []
+    inbox = False
+    for ns in storage.namespaces:  # type: ignore[attr-defined]
+        loc = ns.location
+        root = getattr(loc, "list_index_dir", None) or getattr(loc, "index_dir", None) \
+            or loc.root_dir
+        if not root or not (Path(root) / "dovecot.list.index.log").exists() and \
+                not (Path(root) / "dovecot.list.index").exists():
+            continue
+        try:
+            view = MailboxView(root, "dovecot.list.index")
+        except DovecotIndexError:
+            continue
+        ext = view.index.ext("list")
+        recs = view.index.records
+        if ext is None or "list" not in (recs.dtype.names or ()):
+            continue
+        id_name: dict[int, str] = {}
+        data = ext.hdr_data
+        pos = 1
+        while pos + 4 <= len(data):
+            name_id = int.from_bytes(data[pos:pos + 4], "little")
+            if name_id == 0:
+                break
+            end = data.find(b"\0", pos + 4)
+            if end < 0:
+                break
+            id_name[name_id] = data[pos + 4:end].decode("utf-8", "surrogateescape")
+            pos = end + 1
+        raw = recs["list"] if recs.dtype["list"].shape else None
+        children: dict[int, list[tuple[int, str]]] = {}
+        for i, uid in enumerate(recs["uid"].tolist()):
+            cell = bytes(raw[i]) if raw is not None else b""
+            name_id = int.from_bytes(cell[0:4], "little")
+            parent = int.from_bytes(cell[4:8], "little")
+            # a new node goes to the front of its parent's children
+            children.setdefault(parent, []).insert(0, (uid, id_name.get(name_id, "")))
+        tree_names, tree_inbox = _walk_list_tree(children, ns, loc.list_separator)
+        names += tree_names
+        inbox = inbox or tree_inbox
+    if inbox:
+        names.append("INBOX")
+    return names
+
+
+def _walk_list_tree(children: dict[int, list[tuple[int, str]]], ns: object, sep: str
+                    ) -> tuple[list[str], bool]:
+    """Depth-first names of a list-index tree (``INBOX`` reported separately)."""
+    names: list[str] = []
+    inbox = False
+    stack = [(uid, name) for uid, name in reversed(children.get(0, []))]
+    while stack:
+        uid, full = stack.pop()
+        vname = ns.vname(full)  # type: ignore[attr-defined]
+        if vname == "INBOX":
+            inbox = True
+        else:
+            names.append(vname)
+        stack += [(child, full + sep + name) for child, name
+                  in reversed(children.get(uid, []))]
+    return names, inbox
+
+
+def assign_mailbox_ids(backends: list[BackendRule], stored: dict[str, int],
+                       highest_mailbox_id: int) -> list[tuple[int, str]]:
+    """``virtual_mailbox_ext_header_read``'s id assignment: a backend the header names
+    keeps its id, the others get ``++highest_mailbox_id`` in backend order; sorted by
+    id."""
+    out = []
+    for b in backends:
+        if b.name in stored:
+            out.append((stored[b.name], b.name))
+        else:
+            highest_mailbox_id += 1
+            out.append((highest_mailbox_id, b.name))
+    return sorted(out)

@@ -23,11 +23,9 @@ import numpy as np
 
 from dovecot_index.errors import DovecotIndexError
 
-from .config import VirtualConfigError, read_virtual_config
+from .config import VirtualConfigError, expand_backends, read_virtual_config
 from .header import Problem
 from .index import VirtualIndex
-
-VIRTUAL_PREFIX_DEFAULT = "Virtual/"
 
 
 @dataclass
@@ -112,14 +110,9 @@ def inspect_virtual(directory: str | os.PathLike[str], storage: Any | None = Non
         _compare_backend(report, state, storage, recs["real_uid"][mine])
     if config is not None and storage is not None:
         stored_names = {m.name for m in mailboxes}
-        for b in config.backends:
-            if b.metadata_entry is not None or b.negative_match:
-                continue
-            names = [i.name for i in storage.list(b.name)] if b.is_pattern else [b.name]
-            for name in names:
-                if name not in stored_names and not name.startswith(
-                        VIRTUAL_PREFIX_DEFAULT) and name not in report.new_backends:
-                    report.new_backends.append(name)
+        for b in expand_backends(config, storage):
+            if b.metadata_entry is None and b.name not in stored_names:
+                report.new_backends.append(b.name)
     return report
 
 
