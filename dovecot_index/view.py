@@ -50,6 +50,7 @@ from .log_file import (
     LogFile,
     LogRecord,
     ModseqUpdate,
+    RecordKind,
 )
 from .log_file import _parse_payload as parse_payload
 from .replay_batch import (
@@ -117,6 +118,29 @@ class MailboxView:
         if ext is not None and ext.hdr_size >= 16:
             value = b.MailIndexModseqHeader.parse(ext.hdr_data[:16]).highest_modseq
         return max(1, value or self.highest_modseq)
+
+    def pending(self) -> list[LogRecord]:
+        """The requests a storage (or virtual) sync still has to carry out
+        (``mail_index_sync_read_and_sort``): the non-external expunge, flag-update,
+        keyword-update and keyword-reset records of the head log from the tail offset
+        on. External records are facts already in the storage and are skipped."""
+        if not self.files:
+            return []
+        h = self.index.header
+        wanted = (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID, RecordKind.FLAG_UPDATE,
+                  RecordKind.KEYWORD_UPDATE, RecordKind.KEYWORD_RESET)
+        with LogFile.open(self.files[-1]) as lf:
+            if int(lf.header.file_seq) != int(h.log_file_seq):
+                return []
+            start = max(int(h.log_file_tail_offset), int(lf.header.hdr_size))
+            out = []
+            for rec in lf.records():
+                if rec.offset >= lf.sync_offset:
+                    break
+                if rec.offset >= start and not rec.external and rec.kind in wanted:
+                    out.append(LogRecord(rec.index, rec.offset, rec.size, rec.type,
+                                         rec.modseq, rec.payload, bytes(rec.data)))
+            return out
 
     # ------------------------------------------------------------------ setup ---
     def _load_index(self) -> IndexFile:
