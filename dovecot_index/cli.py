@@ -104,13 +104,11 @@ def _print_index(dump, idx: IndexFile, args: argparse.Namespace) -> None:  # typ
 def cmd_search(args: argparse.Namespace) -> int:
     """``dovecot-index search``: the UIDs ``UID SEARCH`` would answer."""
     from .search import MailboxSearch
+    from .storage import storage_from_args
 
-    if args.config:
-        from .storage import MailStorage, parse_config
-
-        config = parse_config(args.config).for_protocol(args.protocol or None)
-        user = args.user if args.user is not None else os.environ.get("USER", "")
-        with MailStorage(config, user, args.home).mailbox(args.mailbox) as box:
+    storage = storage_from_args(args)
+    if storage is not None:
+        with storage.mailbox(args.mailbox) as box:
             directory = str(box.index_dir)
     elif os.path.isdir(args.mailbox):
         directory = args.mailbox

@@ -40,7 +40,6 @@ Dovecot 2.3.19.1). Use :func:`available` / :func:`missing_reason` to skip gracef
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import json
 import os
@@ -168,25 +167,10 @@ def format_internaldate(when: datetime | int | float) -> str:
 
 
 def _mutf7(name: str) -> str:
-    """Encode a mailbox name in IMAP modified UTF-7 (RFC 3501 section 5.1.3)."""
-    out: list[str] = []
-    pending: list[str] = []
+    """A mailbox name in modified UTF-7 (RFC 3501), as Dovecot stores it on disk."""
+    from .storage.listing import mutf7_encode
 
-    def flush() -> None:
-        if pending:
-            raw = "".join(pending).encode("utf-16-be")
-            b64 = base64.b64encode(raw).decode("ascii").rstrip("=").replace("/", ",")
-            out.append("&" + b64 + "-")
-            pending.clear()
-
-    for ch in name:
-        if 0x20 <= ord(ch) <= 0x7E:
-            flush()
-            out.append("&-" if ch == "&" else ch)
-        else:
-            pending.append(ch)
-    flush()
-    return "".join(out)
+    return mutf7_encode(name)
 
 
 def imap_quote(mailbox: str) -> str:

@@ -191,14 +191,10 @@ def report_text(report: InspectReport) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``dovecot-index inspect``: exit 0 healthy, 1 problems found, 2 error."""
-    storage = None
-    target = args.mailbox
-    if args.config:
-        from dovecot_index.storage import MailStorage, parse_config
+    from dovecot_index.storage import storage_from_args
 
-        config = parse_config(args.config).for_protocol(args.protocol or None)
-        user = args.user if args.user is not None else os.environ.get("USER", "")
-        storage = MailStorage(config, user, args.home)
+    storage = storage_from_args(args)
+    target = args.mailbox
     if os.path.isdir(target):
         directory = Path(target)
     else:

@@ -257,16 +257,12 @@ def apply_repair(plan: RepairPlan, *, lock_method: str = "fcntl") -> list[Path]:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    from dovecot_index.storage import storage_from_args
+
     from .inspect import _virtual_dir
 
-    storage = None
+    storage = storage_from_args(args)
     target = args.mailbox
-    if args.config:
-        from dovecot_index.storage import MailStorage, parse_config
-
-        config = parse_config(args.config).for_protocol(args.protocol or None)
-        user = args.user if args.user is not None else os.environ.get("USER", "")
-        storage = MailStorage(config, user, args.home)
     directory = Path(target) if Path(target).is_dir() else _virtual_dir(storage, target)
     plan = plan_repair(directory, storage)
     if not plan.actions:

@@ -105,6 +105,19 @@ def _tab_line(values: list[object]) -> str:
     return "\t".join(str(v) for v in values) + "\n"
 
 
+def storage_from_args(args: argparse.Namespace) -> MailStorage | None:
+    """The storage the ``--config/--home/--user/--protocol`` options describe (``None``
+    without ``--config``); shared by the commands that find mailboxes by name."""
+    if not getattr(args, "config", None):
+        return None
+    config = parse_config(args.config).for_protocol(args.protocol or None)
+    user = args.user if args.user is not None else os.environ.get("USER", "")
+    home = args.home
+    if home is None and not config.mail_home:
+        home = os.environ.get("HOME")   # what doveadm uses without -u
+    return MailStorage(config, user, home)
+
+
 def bare_mailbox(path: str, user: str = "") -> tuple[MailStorage, str]:
     """A storage for one mailbox directory given by path, without a configuration: an
     sdbox ``.../mailboxes/NAME/dbox-Mails`` directory or a Maildir folder (it becomes
@@ -134,11 +147,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if os.path.isdir(args.mailbox):
         storage, args.mailbox = bare_mailbox(args.mailbox, user)
     else:
-        config = parse_config(args.config).for_protocol(args.protocol or None)
-        home = args.home
-        if home is None and not config.mail_home:
-            home = os.environ.get("HOME")   # what doveadm uses without -u
-        storage = MailStorage(config, user, home)
+        storage = storage_from_args(args)
+        assert storage is not None  # status always has a --config (with a default)
     fields = args.fields.split() if args.fields else list(STATUS_FIELDS)
     unknown = [f for f in fields if f not in STATUS_FIELDS]
     if unknown:
