@@ -168,12 +168,12 @@ def tracked_tail(fr: Framed, r_end: int) -> int:
             items = _hdr_items(fr.data(r), False, "header update")
         except Exception as e:  # noqa: BLE001 - reported by the reference replay
             raise NeedReference("header update") from e
-        for item in items:
-            if item.offset <= _TAIL and item.offset + item.size >= _TAIL + 4:
-                value = int.from_bytes(item.data[_TAIL - item.offset:
-                                                 _TAIL - item.offset + 4], "little")
-                events.append((r, value))
-                break
+        # only the first item counts (``log_file_track_mailbox_sync_offset_hdr``)
+        item = items[0] if items else None
+        if item is not None and item.offset <= _TAIL and item.offset + item.size >= _TAIL + 4:
+            value = int.from_bytes(item.data[_TAIL - item.offset:_TAIL - item.offset + 4],
+                                   "little")
+            events.append((r, value))
     # next non-external record at or after each index
     nonext = np.where(~ext, np.arange(r_end), r_end)
     nne = np.minimum.accumulate(nonext[::-1])[::-1] if r_end else nonext

@@ -26,8 +26,16 @@ Mirrors ``src/lib-index``:
   record updates, atomic increments, keyword updates, modseq updates, expunges, the other
   header update; ``log_append_ext_intro`` with ``NO_SHRINK`` for generated intros);
 * ``mail-index-transaction.c``: ``mail_index_transaction_commit_real``;
-* ``mail-index-sync.c``: ``mail_index_sync_commit`` / ``mail_index_sync_want_index_write``
-  (when a commit rotates the log and rewrites ``dovecot.index``);
+* ``mail-index-sync.c``: the mailbox sync (:meth:`MailboxIndex.sync`,
+  :class:`SyncContext`): ``mail_index_sync_begin`` (lock the head log for the whole
+  sync), ``mail_index_sync_read_and_sort`` (the pending requests after the tail offset),
+  ``mail_index_sync_commit`` with ``mail_index_sync_update_mailbox_offset``,
+  ``mail_index_sync_want_index_write`` (when a commit rotates the log and rewrites
+  ``dovecot.index``) and ``mail_index_sync_rollback``;
+* ``mail-transaction-log-append.c``: ``log_append_sync_offset_if_needed`` (the tail
+  offset update ending a sync commit); ``mail-transaction-log-file.c``:
+  ``log_file_track_sync`` (the tracked tail); ``mail-transaction-log.c``:
+  ``mail_transaction_log_2_unlink_old``;
 * ``mail-index-write.c``: ``mail_index_write`` / ``mail_index_recreate`` /
   ``mail_index_create_backup``.
 
@@ -40,6 +48,14 @@ Example::
         t.update_flags([1, 2], add=MAIL_SEEN)
         t.add_keywords([2], ["$Label1"])
     print(t.result.offset, t.result.modseq)
+
+A mailbox sync (what Dovecot's storage and virtual syncs do)::
+
+    with idx.sync() as s:                   # locked until the end of the block
+        for rec in s.requests():            # non-external requests after the tail
+            ...                             # carry them out in the storage
+        s.transaction.expunge([5])          # what the storage now is (EXTERNAL)
+    print(s.result.tail_offset)             # the tail update ending the commit
 
 Note on semantics: a non-external flag/keyword/expunge change is a *request* that the
 mail storage's next sync carries out (maildir renames the file, an expunge removes it);
@@ -65,13 +81,15 @@ import numpy as np
 from construct import Container
 
 from . import binary as b
-from .errors import DovecotIndexError, IndexWriteError
+from .errors import CorruptLogError, DovecotIndexError, IndexWriteError
 from .index_file import KEYWORDS_EXT, IndexFile, header_field_offset, write_atomic
 from .log_file import (
     MAIL_TRANSACTION_EXT_INTRO_FLAG_NO_SHRINK,
     MAIL_TRANSACTION_EXTERNAL,
     MAIL_TRANSACTION_SYNC,
+    HeaderUpdate,
     LogFile,
+    LogRecord,
     RecordKind,
     new_log_header,
 )
@@ -83,6 +101,7 @@ from .log_writer import (
     LockedLog,
     Ownership,
     create_log_file,
+    encode_record,
     encode_transaction,
     locked_by_this_process,
     rotated_header,
@@ -96,11 +115,17 @@ MAIL_INDEX_MAIL_FLAG_UPDATE_MODSEQ = 0x100
 #: ``default_optimization_set.index``
 INDEX_REWRITE_MIN_LOG_BYTES = 8 * 1024
 INDEX_REWRITE_MAX_LOG_BYTES = 128 * 1024
+#: ``default_optimization_set.log.log2_max_age_secs``: a sync removes an older ``.log.2``.
+LOG2_MAX_AGE = 2 * 24 * 3600
 _NO_EXT_ID = 0xFFFFFFFF
 _BASE_HEADER_SIZE = b.MAIL_INDEX_HEADER_MIN_SIZE
 _DAY_STAMP = header_field_offset("day_stamp")
 _DAY_FIRST_UID = header_field_offset("day_first_uid")
 _UID_VALIDITY = header_field_offset("uid_validity")
+_NEXT_UID = header_field_offset("next_uid")
+_FIRST_RECENT_UID = header_field_offset("first_recent_uid")
+_TAIL_OFFSET = header_field_offset("log_file_tail_offset")
+_LOG2_ROTATE_TIME = header_field_offset("log2_rotate_time")
 _U32 = struct.Struct("<I")
 #: Records a storage sync must act on when non-external
 #: (``mail_index_sync_view_have_any``): they keep a log from being "fully synced".
@@ -249,6 +274,10 @@ class MailboxIndex:
     :param lock_timeout: seconds to wait for the log lock (Dovecot: 180).
     :param rotate_min_size, rotate_max_size, rotate_min_age: ``mail_index_log_rotate_*``.
     :param index_rewrite_max_log_bytes: ``mail_index_rewrite_max_log_bytes``.
+    :param index_rewrite_min_log_bytes: ``mail_index_rewrite_min_log_bytes`` (used by
+        :meth:`sync` commits, see :meth:`SyncContext.commit`).
+    :param log2_max_age: ``mail_index_log2_max_age``: a sync removes a ``.log.2`` older
+        than this (``mail_transaction_log_2_unlink_old``).
     :param keep_backups: hard-link the replaced ``dovecot.index`` to
         ``dovecot.index.backup`` when rewriting it (``MAIL_INDEX_OPEN_FLAG_KEEP_BACKUPS``,
         which sdbox/mdbox set); ``None`` = if the index has a ``dbox-hdr``/``mdbox-hdr``
@@ -262,7 +291,9 @@ class MailboxIndex:
                  rotate_max_size: int = ROTATE_MAX_SIZE,
                  rotate_min_age: float = ROTATE_MIN_AGE,
                  index_rewrite_max_log_bytes: int = INDEX_REWRITE_MAX_LOG_BYTES,
-                 keep_backups: bool | None = None) -> None:
+                 keep_backups: bool | None = None,
+                 index_rewrite_min_log_bytes: int = INDEX_REWRITE_MIN_LOG_BYTES,
+                 log2_max_age: float = LOG2_MAX_AGE) -> None:
         self.directory = Path(directory)
         self.prefix = prefix
         self.lock_method = lock_method
@@ -272,6 +303,8 @@ class MailboxIndex:
         self.rotate_max_size = rotate_max_size
         self.rotate_min_age = rotate_min_age
         self.index_rewrite_max_log_bytes = index_rewrite_max_log_bytes
+        self.index_rewrite_min_log_bytes = index_rewrite_min_log_bytes
+        self.log2_max_age = log2_max_age
         self.keep_backups = keep_backups
         self._view_cache: tuple[tuple[Any, ...], MailboxView] | None = None
 
@@ -420,6 +453,24 @@ class MailboxIndex:
         lib-index transaction would."""
         return Transaction(self, external=external, sync=sync,
                            avoid_flag_updates=avoid_flag_updates)
+
+    def sync(self, *, avoid_flag_updates: bool = True, drop_recent: bool = False,
+             update_tail_offset: bool = False) -> SyncContext:
+        """Begin a mailbox sync (``mail_index_sync_begin``): lock the head log until
+        :meth:`SyncContext.commit` / :meth:`SyncContext.rollback`, read the pending
+        requests, open the sync's EXTERNAL transaction. Use as a context manager (commits
+        on success, rolls back on an exception).
+
+        :param avoid_flag_updates: ``MAIL_INDEX_SYNC_FLAG_AVOID_FLAG_UPDATES`` (set by
+            the sdbox, mdbox, maildir and virtual syncs): flag/keyword changes that change
+            nothing are dropped.
+        :param drop_recent: ``MAIL_INDEX_SYNC_FLAG_DROP_RECENT`` (an IMAP SELECT): the
+            commit moves ``first_recent_uid`` to the next UID.
+        :param update_tail_offset: ``MAIL_INDEX_SYNC_FLAG_UPDATE_TAIL_OFFSET``: write the
+            tail offset even if only external transactions followed it.
+        """
+        return SyncContext(self, avoid_flag_updates=avoid_flag_updates,
+                           drop_recent=drop_recent, update_tail_offset=update_tail_offset)
 
     def recover(self) -> int:
         """Lock the log and cut an unfinished transaction a killed writer left at its end
@@ -580,6 +631,7 @@ class Transaction:
         self._min_highest_modseq = 0
         self._expunges: dict[int, bytes] = {}
         self._done = False
+        self._sync_owner: SyncContext | None = None
         self.result: CommitResult | None = None
 
     # ------------------------------------------------------------- lifecycle ---
@@ -846,6 +898,9 @@ class Transaction:
             (rotation happens only at a fully synced commit); ``True`` forces it.
         """
         self._check_open()
+        if self._sync_owner is not None:
+            raise DovecotIndexError(str(self.mailbox.directory), "this is a sync "
+                                    "transaction: commit it with SyncContext.commit()")
         mbox = self.mailbox
         if not self.has_changes and not write_index and not rotate:
             self._done = True
@@ -1093,6 +1148,383 @@ class Transaction:
                                  rec_align, flags, len(raw_name)) + raw_name)
 
 
+# ==================================================================== mailbox sync ===
+#: The requests ``mail_index_sync_read_and_sort`` hands to the storage
+#: (``mail_index_sync_add_transaction``); other non-external records are "internal".
+_SYNC_REQUESTS = (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID, RecordKind.FLAG_UPDATE,
+                  RecordKind.KEYWORD_UPDATE, RecordKind.KEYWORD_RESET)
+#: ``struct mail_transaction_header_update`` + the u32: the tail offset record's payload.
+_TAIL_UPDATE = struct.Struct("<HHI")
+_TAIL_RECORD_SIZE = 8 + _TAIL_UPDATE.size
+
+
+@dataclass(frozen=True)
+class SyncCommitResult(CommitResult):
+    """What :meth:`SyncContext.commit` wrote (see :class:`CommitResult`); ``records``
+    include the tail offset update.
+
+    :ivar tail_offset: the ``log_file_tail_offset`` value the commit wrote (0: no tail
+        update was written)
+    :ivar fully_synced: as passed to :meth:`SyncContext.commit`
+    """
+
+    tail_offset: int = 0
+    fully_synced: bool = True
+
+
+@dataclass(frozen=True)
+class _TailTracking:
+    """The head log's tail bookkeeping as a process that just read it has it
+    (``struct mail_transaction_log_file``): ``max_tail_offset`` and
+    ``last_read_hdr_tail_offset``."""
+
+    max_tail: int
+    last_read: int
+
+
+def _track_tail(records: Iterable[LogRecord], end: int) -> _TailTracking:
+    """``log_file_track_sync`` + ``log_file_track_mailbox_sync_offset_hdr`` over a head
+    log read from its beginning (a fresh process opens the log before it reads the map,
+    so both values start at 0): an EXTERNAL header update whose *first* item covers
+    ``log_file_tail_offset`` sets the tail (a smaller value than the last one read is
+    ignored; one past the end of its record is corruption); every other EXTERNAL record
+    starting exactly at the tracked tail moves it over itself."""
+    max_tail = last_read = 0
+    for rec in records:
+        if rec.offset >= end:
+            break
+        if not rec.external:
+            continue
+        if rec.kind == RecordKind.HEADER_UPDATE:
+            assert isinstance(rec.payload, HeaderUpdate)
+            first = rec.payload.items[0] if rec.payload.items else None
+            if first is not None and first.offset <= _TAIL_OFFSET and \
+                    first.offset + first.size >= _TAIL_OFFSET + 4:
+                pos = _TAIL_OFFSET - first.offset
+                value = _U32.unpack_from(first.data, pos)[0]
+                if value < last_read:
+                    continue
+                if value > rec.offset + rec.size:
+                    raise CorruptLogError(None, f"log_file_tail_offset {value} goes past "
+                                          f"sync offset {rec.offset + rec.size}",
+                                          rec.offset)
+                last_read = value
+                max_tail = max(max_tail, value)
+                continue
+        if max_tail == rec.offset:
+            max_tail += rec.size
+    return _TailTracking(max_tail, last_read)
+
+
+def _transaction_next_uid(t: Transaction, hdr: Container) -> int:
+    """``mail_index_transaction_get_next_uid``: the map's ``next_uid``, raised past the
+    transaction's appends that have UIDs (appends numbered at commit do not count) and
+    by a ``next_uid`` header change."""
+    next_uid = int(hdr.next_uid)
+    explicit = [uid for uid, _, _ in t._appends if uid is not None]
+    if explicit and next_uid <= max(explicit):
+        next_uid = max(explicit) + 1
+    for buf, mask in ((t._post_hdr, t._post_mask), (t._pre_hdr, t._pre_mask)):
+        if mask[_NEXT_UID]:
+            next_uid = max(next_uid, _U32.unpack_from(buf, _NEXT_UID)[0])
+    return next_uid
+
+
+class SyncContext:
+    """A mailbox sync: Dovecot's ``struct mail_index_sync_ctx`` (``mail-index-sync.c``).
+    Start one with :meth:`MailboxIndex.sync`.
+
+    :meth:`__init__` is ``mail_index_sync_begin``: the head log is locked
+    (``mail_transaction_log_sync_lock``) and stays locked until :meth:`commit` or
+    :meth:`rollback` - other writers, Dovecot's included, wait meanwhile; the map is
+    read at the log head (:attr:`view`: non-external flag and keyword requests already
+    applied, non-external expunges not); the pending requests between the tail offset
+    and the head are collected (``mail_index_sync_read_and_sort``, :meth:`requests`);
+    a ``.log.2`` older than ``log2_max_age`` is removed
+    (``mail_transaction_log_2_unlink_old``). The log is only ever read through the
+    locked descriptor (with fcntl locks, opening and closing it again in this process
+    would drop the lock).
+
+    The caller carries the requests out in the storage and records what the storage now
+    is in :attr:`transaction` (an EXTERNAL :class:`Transaction`, the sync's
+    ``ext_trans``; its change methods as usual, but it is written by :meth:`commit`
+    only), then calls :meth:`commit` (``mail_index_sync_commit``) or :meth:`rollback`
+    (``mail_index_sync_rollback``).
+
+    :ivar mailbox: the :class:`MailboxIndex`
+    :ivar view: the locked map at the log head (``sync_view``); do not modify it
+    :ivar transaction: the sync's EXTERNAL transaction
+    :ivar head: where the head log ends at begin (``sync_offset``)
+    :ivar log_file_seq: the head log's ``file_seq``
+    :ivar seen_nonexternal: a request followed the tail (``seen_nonexternal_transactions``)
+    :ivar seen_external_expunges: an EXTERNAL expunge followed the tail
+    :ivar result: the :class:`SyncCommitResult` after :meth:`commit`
+    """
+
+    def __init__(self, mailbox: MailboxIndex, *, avoid_flag_updates: bool = True,
+                 drop_recent: bool = False, update_tail_offset: bool = False) -> None:
+        self.mailbox = mailbox
+        self.drop_recent = drop_recent
+        self.update_tail_offset = update_tail_offset
+        self.result: SyncCommitResult | None = None
+        self._done = False
+        mailbox.create_log()
+        view, sig = mailbox._view_with_signature()
+        log, cur = mailbox._acquire(view, sig)
+        self._log: LockedLog = log
+        try:
+            self.view = cur
+            self.head = log.sync_offset
+            self.log_file_seq = int(log.header.file_seq)
+            self._disk_position = self._read_disk_position()
+            self._scan()
+            self._log2_update = self._log2_unlink_old()
+            self.transaction = Transaction(mailbox, external=True,
+                                           avoid_flag_updates=avoid_flag_updates)
+            self.transaction._sync_owner = self
+        except BaseException:
+            self._done = True
+            log.close()
+            raise
+
+    # ------------------------------------------------------------------- begin ---
+    def _read_disk_position(self) -> tuple[int, int] | None:
+        """``(log_file_seq, log_file_tail_offset)`` of ``dovecot.index`` as it is on
+        disk (``main_index_hdr_log_file_*``), ``None`` without one."""
+        try:
+            with open(self.mailbox.index_path, "rb") as f:
+                raw = f.read(b.MAIL_INDEX_HEADER_MIN_SIZE)
+        except FileNotFoundError:
+            return None
+        if len(raw) < b.MAIL_INDEX_HEADER_MIN_SIZE:
+            return None
+        hdr = b.MailIndexHeader.parse(raw)
+        return int(hdr.log_file_seq), int(hdr.log_file_tail_offset)
+
+    def _scan(self) -> None:
+        """``mail_index_sync_read_and_sort`` over the head log (read through the locked
+        descriptor) from the map's tail offset, and the log's tail tracking."""
+        log = self._log
+        h = self.view.index.header
+        with LogFile.parse(log.pread(0, log.sync_offset), path=str(log.path)) as lf:
+            records = list(lf.records())
+            end = min(lf.sync_offset, log.sync_offset)
+            self._tracking = _track_tail(records, end)
+            start = max(int(h.log_file_tail_offset), int(lf.header.hdr_size))
+            same_file = int(h.log_file_seq) == int(lf.header.file_seq)
+            requests: list[LogRecord] = []
+            self.seen_nonexternal = self.seen_external_expunges = False
+            for rec in records:
+                if not same_file or rec.offset >= end:
+                    break
+                if rec.offset < start:
+                    continue
+                if rec.external:
+                    if rec.kind in (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID):
+                        self.seen_external_expunges = True
+                elif rec.kind in _SYNC_REQUESTS:
+                    self.seen_nonexternal = True
+                    requests.append(LogRecord(rec.index, rec.offset, rec.size, rec.type,
+                                              rec.modseq, rec.payload, bytes(rec.data)))
+            self._requests = requests
+        # index_min_write: set when a fresh process maps dovecot.index and finds it
+        # pointing to an older log or more than rewrite_min_log_bytes behind the head
+        disk = self._disk_position
+        self._index_min_write = disk is None or disk[0] != self.log_file_seq or \
+            self.head - disk[1] > self.mailbox.index_rewrite_min_log_bytes
+
+    def _log2_unlink_old(self) -> int | None:
+        """``mail_transaction_log_2_unlink_old``: remove a ``.log.2`` older than
+        ``log2_max_age``; returns the ``log2_rotate_time`` the commit must write
+        (``hdr_log2_rotate_time_delayed_update``) or ``None``."""
+        current = int(self.view.index.header.log2_rotate_time)
+        value = current
+        if value == 0:
+            try:
+                value = int(os.stat(self.mailbox.log2_path).st_mtime) & 0xFFFFFFFF
+            except FileNotFoundError:
+                value = 0xFFFFFFFF
+        if value != 0xFFFFFFFF and time.time() - value >= self.mailbox.log2_max_age:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.mailbox.log2_path)
+            value = 0xFFFFFFFF
+        return None if value == current else value
+
+    # ---------------------------------------------------------------- requests ---
+    def requests(self) -> list[LogRecord]:
+        """The pending requests the storage must carry out: every non-external expunge,
+        flag-update, keyword-update and keyword-reset record between the tail offset and
+        the head, in log order - the records :meth:`MailboxView.pending` lists, read
+        through the locked descriptor."""
+        return list(self._requests)
+
+    # -------------------------------------------------------------- lifecycle ---
+    def __enter__(self) -> SyncContext:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise DovecotIndexError(str(self.mailbox.directory),
+                                    "sync already committed or rolled back")
+        if self.transaction._done:
+            raise DovecotIndexError(str(self.mailbox.directory),
+                                    "the sync transaction was rolled back")
+
+    def rollback(self) -> None:
+        """``mail_index_sync_rollback``: release the lock, write nothing."""
+        if self._done:
+            return
+        self._done = True
+        self.transaction._done = True
+        self._log.close()
+
+    # ------------------------------------------------------------------ commit ---
+    def commit(self, *, fully_synced: bool = True, write_index: bool | None = None,
+               rotate: bool | None = None) -> SyncCommitResult:
+        """``mail_index_sync_commit``: write the sync transaction and the tail offset
+        update in one ``write()``, rotate the log / rewrite ``dovecot.index`` if due,
+        unlock.
+
+        * ``mail_index_sync_update_mailbox_offset``: with ``fully_synced`` (every
+          request was carried out: Dovecot's ``mail_index_sync_next`` ran out) the
+          mailbox is synced up to the head; the tail offset must be written if it is
+          behind the head and a request or an EXTERNAL expunge followed it (or
+          ``update_tail_offset``);
+        * ``drop_recent``: a post header update ``first_recent_uid`` = the next UID,
+          if it grows; a delayed ``log2_rotate_time`` update is prepended;
+        * nothing is written unless the transaction has changes or the tail must move;
+        * ``log_append_sync_offset_if_needed``: the tail update
+          ``{offset 64, size 4, u32}`` (EXTERNAL HEADER_UPDATE) follows the
+          transaction's records, outside its BOUNDARY. When the log was synced up to
+          its end, its value is the end of the log after this very record (and it is
+          not written when export produced nothing and the tail need not move);
+          otherwise it is the tracked tail, written only if it differs from the last
+          tail value in the log;
+        * ``mail_transaction_log_want_rotate`` (only ``fully_synced``) and
+          ``mail_index_sync_want_index_write`` (``dovecot.index`` points to an older
+          log; the tail moved more than ``index_rewrite_max_log_bytes`` past the one on
+          disk, or more than ``index_rewrite_min_log_bytes`` when the index was already
+          that far behind at begin); then ``mail_index_write`` (rotation first; the
+          index is written with tail = head, as ``mail_index_recreate`` does).
+
+        :param fully_synced: the caller carried out every request of :meth:`requests`.
+            ``False`` leaves them pending (the tail does not move past them).
+        :param write_index: ``True`` forces, ``False`` suppresses the index rewrite;
+            ``None`` = Dovecot's decision.
+        :param rotate: ``True`` forces, ``False`` suppresses the rotation; ``None`` =
+            Dovecot's decision.
+
+        Not mirrored: the cache purge ``mail_index_sync_commit`` may start after expunges
+        (``dovecot.index.cache`` is not written here), index deletion.
+        """
+        self._check_open()
+        mbox, log, t = self.mailbox, self._log, self.transaction
+        try:
+            h = self.view.index.header
+            seq = int(log.header.file_seq)
+            # --- mail_index_sync_update_mailbox_offset -------------------------
+            max_tail = self._tracking.max_tail
+            tail_changed = False
+            if fully_synced:
+                offset = log.sync_offset  # the view's end: the head (we hold the lock)
+                max_tail = max(max_tail, offset)  # set_mailbox_sync_pos
+                tail_changed = (int(h.log_file_seq) != seq
+                                or int(h.log_file_tail_offset) < offset) and (
+                    self.seen_external_expunges or self.seen_nonexternal
+                    or self.update_tail_offset)
+            # --- DROP_RECENT, delayed log2_rotate_time --------------------------
+            if self.drop_recent:
+                next_uid = _transaction_next_uid(t, h)
+                if int(h.first_recent_uid) < next_uid:
+                    t.update_header(_FIRST_RECENT_UID, next_uid)
+            if self._log2_update is not None:
+                t.update_header(_LOG2_ROTATE_TIME, self._log2_update, prepend=True)
+            # --- mail_index_transaction_commit ----------------------------------
+            modseq_before = self.view.highest_modseq
+            data = b""
+            rel: list[tuple[int, int, int]] = []
+            appended: list[int] = []
+            tail_value = 0
+            if t.has_changes or tail_changed:  # MAIL_INDEX_TRANSACTION_HAS_CHANGES
+                records, appended = t._export(self.view)
+                data, rel = encode_transaction(records, MAIL_TRANSACTION_EXTERNAL)
+                # log_append_sync_offset_if_needed
+                write_tail = True
+                if max_tail == log.sync_offset:
+                    if not data and not tail_changed:
+                        write_tail = False
+                    else:
+                        max_tail += len(data) + _TAIL_RECORD_SIZE
+                if write_tail and max_tail != self._tracking.last_read:
+                    tail_value = max_tail
+                    record = encode_record(RecordKind.HEADER_UPDATE, _TAIL_UPDATE.pack(
+                        _TAIL_OFFSET, 4, tail_value), MAIL_TRANSACTION_EXTERNAL)
+                    rel.append((len(data), _U32.unpack_from(record, 4)[0], len(record)))
+                    data += record
+            truncated = log.garbage
+            offset = log.sync_offset
+            if data:
+                offset = log.append(data, fsync=mbox.fsync)
+                modseq = _modseq_after(log.header, modseq_before, data)
+            else:
+                truncated = 0
+                modseq = modseq_before
+            # --- the map after the commit, rotation, index rewrite --------------
+            map_tail = max(int(h.log_file_tail_offset), max_tail)
+            rotate_reason = None
+            if rotate or (rotate is None and fully_synced):
+                rotate_reason = "forced" if rotate else want_rotate(
+                    log.header, log.sync_offset, min_size=mbox.rotate_min_size,
+                    max_size=mbox.rotate_max_size, min_age=mbox.rotate_min_age)
+            index_reason = None
+            if write_index or write_index is None:
+                index_reason = "asked" if write_index else self._want_index_write(
+                    seq, map_tail)
+            rotated = index_written = False
+            if rotate_reason or index_reason:
+                post = mbox._locked_view(log)
+                if rotate_reason:
+                    mbox._rotate_locked(log, post)
+                    rotated = True
+                else:
+                    mbox._write_index_locked(log, post, True)
+                index_written = True
+            new_seq = int(log.header.file_seq)
+        finally:
+            self._done = True
+            t._done = True
+            log.close()
+            mbox._view_cache = None
+        self.result = SyncCommitResult(
+            seq, offset if data else 0, offset + len(data) if data else 0,
+            tuple((offset + o, ty, sz) for o, ty, sz in rel), modseq_before, modseq,
+            tuple(appended), truncated, rotated, index_written, new_seq,
+            tail_offset=tail_value, fully_synced=fully_synced)
+        t.result = self.result
+        return self.result
+
+    def _want_index_write(self, seq: int, map_tail: int) -> str | None:
+        """``mail_index_sync_want_index_write`` for a process that read ``dovecot.index``
+        at begin (``main_index_hdr_log_file_seq`` / ``_tail_offset``; 0/0 without one)."""
+        disk_seq, disk_tail = self._disk_position or (0, 0)
+        if disk_seq != 0 and disk_seq != seq:
+            return "points to old .log file"
+        log_diff = (map_tail - disk_tail) & 0xFFFFFFFF
+        if log_diff > self.mailbox.index_rewrite_max_log_bytes:
+            return f".log read {map_tail}..{disk_tail} > rewrite_max_log_bytes"
+        if self._index_min_write and log_diff > self.mailbox.index_rewrite_min_log_bytes:
+            return f".log read {map_tail}..{disk_tail} > rewrite_min_log_bytes"
+        return None
+
+
 class _ChangeSet:
     """A transaction's flag and keyword changes evaluated against the map, call by call
     (``mail_index_update_flags_range``, ``mail_index_update_keywords``,
@@ -1267,7 +1699,10 @@ __all__ = [
     "INDEX_REWRITE_MAX_LOG_BYTES",
     "INDEX_REWRITE_MIN_LOG_BYTES",
     "MAIL_INDEX_MAIL_FLAG_UPDATE_MODSEQ",
+    "LOG2_MAX_AGE",
     "CommitResult",
     "MailboxIndex",
+    "SyncCommitResult",
+    "SyncContext",
     "Transaction",
 ]
