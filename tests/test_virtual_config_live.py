@@ -107,6 +107,7 @@ def test_malformed_definitions(store, text: str, message: str) -> None:  # type:
     "work\nlists/*\n  SEEN\nINBOX\n",
     "%\n  UNSEEN\n-work\n",
     "lists/%\n+INBOX\n*\n-lists/b\n  ALL\n",
+    "INBOX\n-work\n  ALL\n",  # no wildcard: "-work" is an ordinary backend
 ])
 def test_wildcard_expansion_gives_dovecots_ids(store, definition: str) -> None:  # type: ignore[no-untyped-def]
     """A fresh virtual mailbox: Dovecot numbers its backends 1.. in the order it expands

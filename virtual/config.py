@@ -177,13 +177,15 @@ def expand_backends(cfg: VirtualConfig, storage: object, vname: str | None = Non
     """
     from dovecot_index.storage import MatchResult, imap_match
 
+    wild = [b for b in cfg.backends if b.is_pattern and not b.negative_match]
+    if not wild:
+        # without wildcards nothing is separated out: a "-name" line is an ordinary
+        # backend (as Dovecot 2.3.19.1 does)
+        return [b for b in cfg.backends if b.metadata_entry is None]
     plain = [b for b in cfg.backends
              if not b.is_pattern and not b.negative_match and b.metadata_entry is None]
-    wild = [b for b in cfg.backends if b.is_pattern and not b.negative_match]
     neg = [b for b in cfg.backends if b.negative_match]
     out = list(plain)
-    if not wild:
-        return out
     named = {b.name for b in plain}
 
     def matches(rule: BackendRule, name: str) -> bool:
