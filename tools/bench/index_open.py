@@ -12,7 +12,6 @@ uid -> sequence lookups, and ``doveadm dump`` of the same file for context.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchutil import best_of, report
 
 from dovecot_index import binary as b
 from dovecot_index.index_file import IndexFile
@@ -50,15 +50,6 @@ def build(directory: Path, n: int, seed: int = 1) -> Path:
     create_empty_log(directory / "dovecot.index.log", idx.header.indexid, 2,
                      prev_file_seq=1, prev_file_offset=40)
     return path
-
-
-def best_of(repeat: int, fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> int:
@@ -112,12 +103,7 @@ def main() -> int:
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        print()
-    else:
-        for key, value in result.items():
-            print(f"{key:32s} {value}")
+    report(result, args.json, 32)
     return 0
 
 

@@ -19,7 +19,6 @@ replay. Then it times, best of ``--repeat``:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import struct
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchutil import best_of, report
 
 from dovecot_index import binary as b
 from dovecot_index.dump import index_text
@@ -80,15 +81,6 @@ def _append(mbox: MailboxIndex, data: bytes) -> None:
         log.append(data, fsync=False)
     finally:
         log.close()
-
-
-def best_of(repeat: int, fn) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def run(cmd: list[str]) -> None:
@@ -146,12 +138,7 @@ def main() -> int:
             })
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        print()
-    else:
-        for key, value in result.items():
-            print(f"{key:28s} {value}")
+    report(result, args.json, 28)
     return 0
 
 
