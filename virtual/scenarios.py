@@ -108,6 +108,7 @@ __all__ = [
     "Failure",
     "Mask",
     "MaskState",
+    "OurOpenEngine",
     "Op",
     "ScenarioGenerator",
     "ScenarioResult",
@@ -345,10 +346,25 @@ class DovecotSessionEngine(SyncEngine):
             session.close(check=False)
 
 
+class OurOpenEngine(SyncEngine):
+    """Our one-shot sync (:meth:`virtual.sync.VirtualMailbox.sync` on a fresh
+    :class:`~virtual.sync.VirtualMailbox`): what ``dovecot-open`` does, from the files."""
+
+    name = "ours"
+
+    def sync(self, store: Store) -> None:
+        from .sync import VirtualMailbox
+
+        vbox = VirtualMailbox.from_config(store.dc.config_path, store.dc.home,
+                                          store.vname, user=store.dc.user)
+        vbox.sync()
+
+
 #: Engines by name (``--engine-a``/``--engine-b``); see :func:`register_engine`.
 ENGINES: dict[str, Callable[[], SyncEngine]] = {
     DovecotOpenEngine.name: DovecotOpenEngine,
     DovecotSessionEngine.name: DovecotSessionEngine,
+    OurOpenEngine.name: OurOpenEngine,
 }
 
 

@@ -1,0 +1,1003 @@
+"""Dovecot's virtual mailbox sync (``src/plugins/virtual/virtual-sync.c``) on our layers.
+
+:class:`VirtualMailbox` is ``struct virtual_mailbox``: open it with a
+:class:`~dovecot_index.storage.MailStorage` and the virtual mailbox's name (or
+:meth:`VirtualMailbox.from_config`), then :meth:`VirtualMailbox.sync`. The steps follow
+``docs/virtual-sync.md`` (S1...S9), one function each, named after the C function it
+mirrors:
+
+* :meth:`VirtualMailbox.open` - ``virtual_mailbox_open``: config, backend existence,
+  header read, the ``virtual-guid`` write;
+* :func:`ext_header_read` - ``virtual_mailbox_ext_header_read`` (S2);
+* :meth:`_Sync.push_changes` - ``virtual_sync_index_changes`` (S3);
+* :meth:`_Sync.backend_box` - ``virtual_sync_backend_box`` (S5) with
+  :meth:`_Sync.handle_old_vmsgs`, :meth:`_Sync.backend_box_init`,
+  :meth:`_Sync.backend_box_continue`, :meth:`_Sync.backend_ext_header`;
+* :meth:`_Sync.map_uids` - ``virtual_sync_backend_map_uids`` +
+  ``virtual_sync_new_backend_boxes`` (S6);
+* :meth:`_Sync.add_new` - ``virtual_sync_backend_add_new`` (S7);
+* :meth:`_Sync.index_finish` - ``virtual_sync_index_finish`` (S8); the commit (S9).
+
+All changes of one sync go into the sync transaction of
+:meth:`dovecot_index.transaction.MailboxIndex.sync` (the virtual log is locked from S1
+to S9) and are written as one log transaction, record for record what Dovecot writes.
+
+A fresh :class:`VirtualMailbox` is what a fresh Dovecot process has (``doveadm``, an IMAP
+``SELECT``): its first :meth:`~VirtualMailbox.sync` maps every virtual message against
+the backends (S6).
+
+Not reproduced (the sync refuses with :class:`VirtualSyncError` rather than differ):
+the long-lived path (a second sync of the same object whose backends changed meanwhile:
+search results kept up to date by backend syncs, pending removes), and pushing
+virtual-side requests to maildir backends.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dovecot_index import binary as b
+from dovecot_index.errors import DovecotIndexError
+from dovecot_index.log_file import RecordKind
+from dovecot_index.transaction import MailboxIndex, SyncContext, Transaction
+from dovecot_index.view import MailboxView
+
+from .config import BackendRule, VirtualConfig, expand_backends, read_virtual_config
+from .header import (
+    VIRTUAL_EXT,
+    VIRTUAL_EXT2,
+    VIRTUAL_GUID_EXT,
+    Problem,
+    check_headers,
+    compile_virtual2_header,
+    compile_virtual_header,
+)
+from .header import (
+    VirtualMailbox as HeaderMailbox,
+)
+
+__all__ = ["BackendBox", "SyncReport", "VirtualMailbox", "VirtualSyncError",
+           "ext_header_read"]
+
+VIRTUAL_RECORD_SIZE = 8
+VIRTUAL_RECORD_ALIGN = 4
+GUID_SIZE = 16
+#: ``MAIL_FLAGS_NONRECENT | MAIL_INDEX_MAIL_FLAG_BACKEND``: the record bits lib-storage
+#: reports as a message's flags (``index_mail_get_flags``).
+BACKEND_FLAG_MASK = 0x1F | 0x40
+U32 = np.uint32
+
+
+class VirtualSyncError(DovecotIndexError):
+    """The sync cannot run or would not give Dovecot's result; nothing was written."""
+
+
+# ============================================================================ state
+
+
+@dataclass
+class _Backend:
+    """What one sync reads of a backend mailbox (its replayed index, STATUS, GUID)."""
+
+    box: Any                      # dovecot_index.storage Mailbox
+    view: MailboxView
+    uids: np.ndarray              # real uids, ascending
+    flags: np.ndarray             # record flag bytes
+    uid_validity: int
+    next_uid: int
+    highest_modseq: int           # STATUS HIGHESTMODSEQ (0 shown as 1)
+    guid: bytes
+    _mask: np.ndarray | None = None
+    _dates: np.ndarray | None = None
+    _kw_rows: list[tuple[str, ...]] | None = None
+
+    def seqs_of(self, real_uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """0-based positions of ``real_uids`` in the backend and which exist."""
+        pos = np.searchsorted(self.uids, real_uids)
+        ok = pos < len(self.uids)
+        ok[ok] = self.uids[pos[ok]] == real_uids[ok]
+        return pos, ok
+
+    def keywords_at(self, seq0: int) -> tuple[str, ...]:
+        """Keyword names of the message at 0-based position ``seq0``, in the backend's
+        keyword order."""
+        if self._kw_rows is None:
+            idx = self.view.index
+            names = list(idx.keywords)
+            if names:
+                matrix = idx.keyword_matrix()
+                self._kw_rows = [tuple(names[k] for k in np.flatnonzero(row))
+                                 for row in matrix]
+            else:
+                self._kw_rows = [()] * len(self.uids)
+        return self._kw_rows[seq0]
+
+    def modseqs(self) -> np.ndarray:
+        """Per-message modseq (``mail_index_modseq_lookup``): 0 or no ``modseq``
+        extension reads as the current highest modseq."""
+        recs = self.view.index.records
+        high = self.raw_highest_modseq()
+        if "modseq" not in (recs.dtype.names or ()):
+            return np.full(len(recs), high, np.uint64)
+        out = np.asarray(recs["modseq"], dtype=np.uint64).copy()
+        out[out == 0] = high
+        return out
+
+    def raw_highest_modseq(self) -> int:
+        """``mail_index_modseq_get_highest`` (no 0 -> 1 adjustment)."""
+        ext = self.view.index.ext("modseq")
+        value = 0
+        if ext is not None and ext.hdr_size >= 16:
+            value = int(b.MailIndexModseqHeader.parse(ext.hdr_data[:16]).highest_modseq)
+        return value or int(self.view.highest_modseq)
+
+    def received_dates(self) -> np.ndarray:
+        """INTERNALDATE of every message (cache, else the storage's own source)."""
+        if self._dates is None:
+            dates = np.zeros(len(self.uids), np.int64)
+            for i, msg in enumerate(self.box.messages()):
+                dates[i] = msg.received_date or 0
+            self._dates = dates
+        return self._dates
+
+
+@dataclass
+class BackendBox:
+    """``struct virtual_backend_box``: one backend mailbox of the definition and what
+    the virtual mailbox remembers about it."""
+
+    rule: BackendRule
+    mailbox_id: int = 0
+    sync_mailbox_idx1: int = 0
+    sync_uid_validity: int = 0
+    sync_next_uid: int = 0
+    sync_highest_modseq: int = 0
+    ondisk_highest_modseq: int = 0
+    sync_guid: bytes = bytes(GUID_SIZE)
+    #: the uid map (``bbox->uids``): real uids ascending, their virtual uids (0 = to add)
+    uid_real: np.ndarray = field(default_factory=lambda: np.zeros(0, U32))
+    uid_virtual: np.ndarray = field(default_factory=lambda: np.zeros(0, U32))
+    #: real uids matching the rule (``bbox->search_result``), None = no search yet
+    search_result: np.ndarray | None = None
+    first_sync: bool = False
+    sync_seen: bool = False
+    deleted: bool = False
+    path: str = ""                # how the last sync handled it (report)
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    def set_uid_map(self, real: np.ndarray, virtual: np.ndarray) -> None:
+        order = np.argsort(real, kind="stable")
+        self.uid_real = np.asarray(real, U32)[order]
+        self.uid_virtual = np.asarray(virtual, U32)[order]
+
+
+@dataclass
+class SyncReport:
+    """What one :meth:`VirtualMailbox.sync` did (or, with ``dry_run``, would do)."""
+
+    mailbox: str
+    directory: str
+    dry_run: bool
+    appended: list[tuple[int, int, int]] = field(default_factory=list)  # vuid, id, real
+    expunged: list[int] = field(default_factory=list)
+    flag_copies: int = 0
+    header: str | None = None            # "rewrite", "update" or None
+    backends: list[dict[str, Any]] = field(default_factory=list)
+    pushed: int = 0                      # virtual requests pushed to backends
+    problems: list[str] = field(default_factory=list)
+    written: bool = False
+    log_offset: int | None = None
+    uid_validity: int = 0
+    next_uid: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.appended or self.expunged or self.flag_copies or self.header)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mailbox": self.mailbox, "directory": self.directory, "dry_run": self.dry_run,
+            "written": self.written, "log_offset": self.log_offset,
+            "uid_validity": self.uid_validity, "next_uid": self.next_uid,
+            "appended": [{"uid": v, "mailbox_id": m, "real_uid": r}
+                         for v, m, r in self.appended],
+            "expunged": self.expunged, "flag_copies": self.flag_copies,
+            "header": self.header, "pushed": self.pushed, "backends": self.backends,
+            "problems": self.problems,
+        }
+
+    def text(self) -> str:
+        verb = "would " if self.dry_run else ""
+        out = [f"virtual mailbox {self.mailbox} ({self.directory})"]
+        for bk in self.backends:
+            out.append(f"  backend {bk['mailbox_id']} {bk['name']}: {bk['path']}")
+        out.append(f"  {verb}append {len(self.appended)}, {verb}expunge "
+                   f"{len(self.expunged)}, {verb}copy flags of {self.flag_copies} "
+                   f"message(s); header: {self.header or 'unchanged'}")
+        if self.pushed:
+            out.append(f"  {verb}push {self.pushed} virtual request(s) to backends")
+        for vuid, mid, real in self.appended[:20]:
+            out.append(f"    + uid {vuid} = mailbox {mid} uid {real}")
+        if len(self.appended) > 20:
+            out.append(f"    ... {len(self.appended) - 20} more appends")
+        if self.expunged:
+            shown = " ".join(str(u) for u in self.expunged[:40])
+            more = f" ... ({len(self.expunged)} in all)" if len(self.expunged) > 40 else ""
+            out.append(f"    - uids {shown}{more}")
+        out += [f"  {p}" for p in self.problems]
+        if not self.dry_run:
+            out.append(f"  written at log offset {self.log_offset}" if self.written
+                       else "  nothing written")
+        return "\n".join(out) + "\n"
+
+
+# ====================================================================== S2 header read
+
+
+@dataclass
+class _HeaderState:
+    """The parts of ``struct virtual_mailbox`` the header read maintains."""
+
+    search_args_crc32: int
+    sync_initialized: bool = False
+    prev_uid_validity: int = 0
+    prev_change_counter: int = 0
+    highest_mailbox_id: int = 0
+    ext_header_rewrite: bool = False
+    guid: bytes | None = None
+
+
+def ext_header_read(state: _HeaderState, backends: list[BackendBox], view: MailboxView,
+                    problems: list[Problem]) -> tuple[int, bool]:
+    """``virtual_mailbox_ext_header_read`` (+ ``virtual_mailbox_ext2_header_read``):
+    ids and stored values from the ``virtual``/``virtual2`` headers onto ``backends``
+    (sorted by id afterwards), new ids for the others. Returns ``(ret, broken)``:
+    ret 1 fine, 0 fine but rewrite the header, -1 a backend added by another session."""
+    idx = view.index
+    hdr = idx.header
+    vext = idx.ext(VIRTUAL_EXT)
+    vdata = bytes(vext.hdr_data) if vext is not None else b""
+    if (state.sync_initialized and state.prev_uid_validity == int(hdr.uid_validity)
+            and len(vdata) >= 16
+            and state.prev_change_counter == struct.unpack_from("<I", vdata)[0]):
+        return 1, False                                         # fully refreshed
+    state.prev_uid_validity = int(hdr.uid_validity)
+    ext2 = idx.ext(VIRTUAL_EXT2)
+    check = check_headers(vdata if vext is not None else None,
+                          bytes(ext2.hdr_data) if ext2 is not None else None,
+                          state.search_args_crc32)
+    ret = 1
+    broken = check.broken
+    if vext is None or not check.crc_matches:
+        ret = 0
+    else:
+        gext = idx.ext(VIRTUAL_GUID_EXT)
+        if gext is not None and len(gext.hdr_data) >= GUID_SIZE:
+            state.guid = bytes(gext.hdr_data[:GUID_SIZE])
+        state.prev_change_counter = struct.unpack_from("<I", vdata.ljust(4, b"\0"))[0]
+        problems.extend(p for p in check.problems if p.level in ("error", "warning"))
+        by_name = {bk.name: bk for bk in backends}
+        for i, m in enumerate(check.mailboxes):
+            bk = by_name.get(m.name)
+            if bk is None:
+                if state.sync_initialized:
+                    raise VirtualSyncError(
+                        str(view.directory), f"Backend mailbox '{m.name}' added by "
+                        "another session. Reopen the virtual mailbox.")
+                ret = 0                                         # no longer exists
+                continue
+            bk.mailbox_id = m.id
+            bk.sync_uid_validity = m.uid_validity
+            bk.sync_highest_modseq = bk.ondisk_highest_modseq = m.highest_modseq
+            bk.sync_next_uid = m.next_uid
+            bk.sync_mailbox_idx1 = i + 1
+        if broken:
+            state.ext_header_rewrite = True
+            ret = 0
+        if not broken and check.header is not None and check.header.mailbox_count > 0:
+            if not check.ext2_ok:
+                state.ext_header_rewrite = True
+            else:
+                for i, m in enumerate(check.mailboxes):
+                    bk = by_name.get(m.name)
+                    if bk is not None and bk.sync_mailbox_idx1 == i + 1 and m.guid:
+                        bk.sync_guid = bytes(m.guid)
+    state.highest_mailbox_id = 0 if vext is None else \
+        struct.unpack_from("<I", vdata.ljust(12, b"\0"), 8)[0]
+    state.sync_initialized = not broken
+    for bk in backends:
+        if bk.mailbox_id == 0:
+            state.highest_mailbox_id += 1
+            bk.mailbox_id = state.highest_mailbox_id
+            ret = 0
+    backends.sort(key=lambda x: x.mailbox_id)
+    if ret == 0:
+        state.ext_header_rewrite = True
+    return ret, broken
+
+
+# ====================================================================== the mailbox
+
+
+class VirtualMailbox:
+    """A virtual mailbox (``struct virtual_mailbox``): its definition, its backends and
+    what a Dovecot process keeps in memory between syncs.
+
+    :param storage: the user's :class:`~dovecot_index.storage.MailStorage`
+    :param name: the virtual mailbox's name (``Virtual/all``)
+    :param directory: its directory (default: from the virtual namespace's location)
+    :param lock_method: the virtual index's lock method (``fcntl``, ``flock``, ``dotlock``)
+    :param opens: how often the mailbox is opened before the sync (each open of a
+        definition without a header for its rules writes a new GUID). ``None`` = as
+        ``doveadm mailbox status`` (the CLI's default sync) does: twice when the
+        virtual namespace's mailbox list index has no record with a uid validity for
+        the mailbox (new, or the list index was removed: the list index refresh opens
+        it first), else once. An IMAP ``SELECT`` of a listed mailbox opens it once.
+    """
+
+    def __init__(self, storage: Any, name: str, *, directory: str | os.PathLike[str]
+                 | None = None, lock_method: str = "fcntl", opens: int | None = None
+                 ) -> None:
+        self.storage = storage
+        self.name = name
+        if directory is None:
+            from .inspect import _virtual_dir
+            directory = _virtual_dir(storage, name)
+        self.directory = Path(directory)
+        self.lock_method = lock_method
+        self.opens = opens
+        self.index = MailboxIndex(self.directory, lock_method=lock_method)
+        self.config: VirtualConfig | None = None
+        self.backends: list[BackendBox] = []
+        self.state: _HeaderState | None = None
+        self.problems: list[Problem] = []
+        self.uids_mapped = False
+        self.sync_virtual_next_uid = 0
+        self.opened = False
+
+    @classmethod
+    def from_config(cls, config_path: str | os.PathLike[str], home: str | os.PathLike[str]
+                    | None, name: str, *, user: str | None = None,
+                    protocol: str = "doveadm", **kwargs: Any) -> VirtualMailbox:
+        """Open ``name`` of the user that ``config_path`` + ``home`` describe."""
+        from dovecot_index.storage import MailStorage, parse_config
+
+        config = parse_config(os.fspath(config_path)).for_protocol(protocol)
+        if user is None:
+            user = os.environ.get("USER", "")
+        return cls(MailStorage(config, user, home), name, **kwargs)
+
+    # ------------------------------------------------------------------ open ---
+    def open(self, *, dry_run: bool = False) -> None:
+        """``virtual_mailbox_open``, as many times as :attr:`opens` says: read
+        ``dovecot-virtual``, drop backends that do not exist, read the header (assigning
+        ids), write a new ``virtual-guid`` when the header gave none (a non-external
+        transaction, as Dovecot does at every open until a sync wrote a header for the
+        current definition)."""
+        if self.opened:
+            return
+        opens = self.opens
+        if opens is None:
+            opens = 1 if _listed_with_status(self.directory) else 2
+        for _ in range(max(1, opens)):
+            self._open_once(dry_run)
+        self.opened = True
+
+    def _open_once(self, dry_run: bool) -> None:
+        self.config = read_virtual_config(self.directory)
+        rules = expand_backends(self.config, self.storage, self.name)
+        self.backends = []
+        for rule in rules:
+            if rule.save or self._backend_exists(rule.name):
+                self.backends.append(BackendBox(rule))
+        self.state = _HeaderState(self.config.search_args_crc32)
+        self.problems = []
+        view = self._current_view()
+        ret, _broken = ext_header_read(self.state, self.backends, view, self.problems)
+        if ret < 0:  # pragma: no cover - impossible before the first sync
+            raise VirtualSyncError(str(self.directory), "header read failed at open")
+        if self.state.guid is None:
+            self.state.guid = uuid.uuid4().bytes
+            if not dry_run:
+                t = self.index.transaction(external=False)
+                t.ext_register(VIRTUAL_GUID_EXT, GUID_SIZE, 0, 0)
+                t.update_ext_header(VIRTUAL_GUID_EXT, 0, self.state.guid)
+                t.commit(write_index=False, rotate=False)
+
+    def _current_view(self) -> MailboxView:
+        if any((self.directory / n).exists()
+               for n in ("dovecot.index", "dovecot.index.log")):
+            return MailboxView(self.directory)
+        return MailboxView(self.directory)  # an empty map
+
+    def _backend_exists(self, name: str) -> bool:
+        from dovecot_index.storage import StorageError
+
+        try:
+            box = self.storage.mailbox(name)
+        except StorageError:
+            return False
+        return bool(box.exists())
+
+    # ------------------------------------------------------------------ sync ---
+    def sync(self, *, expunge: bool = False, dry_run: bool = False,
+             drop_recent: bool = False) -> SyncReport:
+        """``virtual_sync``: bring the virtual index in step with the backends.
+
+        :param expunge: the sync of an IMAP ``EXPUNGE`` (``MAILBOX_SYNC_FLAG_EXPUNGE``);
+            the first sync of a process removes non-matching messages anyway
+            (``FIX_INCONSISTENT``), later ones only with ``expunge``.
+        :param dry_run: compute everything, write nothing (not even the GUID an open
+            writes), report what would change.
+        :param drop_recent: ``MAILBOX_FLAG_DROP_RECENT`` (an IMAP ``SELECT``).
+        """
+        self.open(dry_run=dry_run)
+        if self.uids_mapped:
+            raise VirtualSyncError(str(self.directory), "a second sync in one process "
+                                   "(Dovecot's long-lived session path) is not "
+                                   "implemented: open a new VirtualMailbox")
+        ctx = self.index.sync(drop_recent=drop_recent)
+        try:
+            report = _Sync(self, ctx, expunge_removed=True, dry_run=dry_run).run()
+        except BaseException:
+            ctx.rollback()
+            raise
+        return report
+
+
+def _listed_with_status(directory: Path) -> bool:
+    """Whether the mailbox list index of the virtual namespace (``dovecot.list.index``
+    in the namespace root, found by walking up from ``directory``) has a record for
+    ``directory`` with a non-zero uid validity."""
+    root = directory.parent
+    while not (root / "dovecot.list.index.log").exists() and \
+            not (root / "dovecot.list.index").exists():
+        if root.parent == root:
+            return False
+        root = root.parent
+    parts = directory.relative_to(root).parts
+    try:
+        view = MailboxView(root, "dovecot.list.index")
+    except (DovecotIndexError, OSError):
+        return False
+    ext = view.index.ext("list")
+    recs = view.index.records
+    if ext is None or "list" not in (recs.dtype.names or ()) or not recs.dtype["list"].shape:
+        return False
+    names: dict[int, bytes] = {}
+    data = bytes(ext.hdr_data)
+    pos = 1
+    while pos + 4 <= len(data):
+        name_id = int.from_bytes(data[pos:pos + 4], "little")
+        end = data.find(b"\0", pos + 4)
+        if name_id == 0 or end < 0:
+            break
+        names[name_id] = data[pos + 4:end]
+        pos = end + 1
+    nodes: dict[tuple[int, bytes], tuple[int, int]] = {}   # (parent, name) -> uid, uidv
+    for uid, cell in zip(recs["uid"].tolist(), recs["list"], strict=True):
+        raw = bytes(cell)
+        if len(raw) < 28:
+            return False
+        key = (int.from_bytes(raw[4:8], "little"),
+               names.get(int.from_bytes(raw[0:4], "little"), b""))
+        nodes[key] = (int(uid), int.from_bytes(raw[24:28], "little"))
+    parent, uidv = 0, 0
+    for part in parts:
+        found = nodes.get((parent, os.fsencode(part)))
+        if found is None:
+            return False
+        parent, uidv = found
+    return uidv != 0
+
+
+# ====================================================================== one sync
+
+
+class _Sync:
+    """``struct virtual_sync_context``: one run of S1...S9."""
+
+    def __init__(self, vbox: VirtualMailbox, ctx: SyncContext, *, expunge_removed: bool,
+                 dry_run: bool) -> None:
+        self.vbox = vbox
+        self.ctx = ctx
+        self.view = ctx.view
+        self.t: Transaction = ctx.transaction
+        self.expunge_removed = expunge_removed
+        self.dry_run = dry_run
+        assert vbox.state is not None
+        self.state = vbox.state
+        recs = self.view.index.records
+        names = recs.dtype.names or ()
+        self.vuids = np.asarray(recs["uid"], U32)
+        if VIRTUAL_EXT in names:
+            self.v_mailbox = np.asarray(recs[VIRTUAL_EXT]["mailbox_id"], U32)
+            self.v_real = np.asarray(recs[VIRTUAL_EXT]["real_uid"], U32)
+        else:
+            self.v_mailbox = np.zeros(len(recs), U32)
+            self.v_real = np.zeros(len(recs), U32)
+        self.data: dict[int, _Backend | None] = {}
+        self.expunges: list[np.ndarray] = []
+        # flag and keyword copies in Dovecot's call order: (vuids, flags, names) for
+        # existing messages; appended ones are handled in add_new
+        self.copies: list[tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]] = []
+        self.all_adds: list[tuple[int, np.ndarray]] = []
+        self.ext_header_changed = False
+        self.hdr_updates: list[tuple[str, int, bytes]] = []
+        self.report = SyncReport(vbox.name, str(vbox.directory), dry_run)
+
+    # ------------------------------------------------------------------ helpers ---
+    def backend(self, bk: BackendBox) -> _Backend | None:
+        """Open a backend (``mailbox_open`` + status + GUID); ``None`` = it is gone."""
+        if bk.mailbox_id in self.data:
+            return self.data[bk.mailbox_id]
+        from dovecot_index.storage import MailboxNotFoundError
+
+        try:
+            box = self.vbox.storage.mailbox(bk.name)
+            view = box.view
+            status = box.status(["uidvalidity", "uidnext", "highestmodseq", "guid"])
+        except MailboxNotFoundError:
+            self.data[bk.mailbox_id] = None
+            return None
+        except DovecotIndexError as e:
+            raise VirtualSyncError(e.path, f"{e.reason} (for backend mailbox "
+                                   f"{bk.name})") from e
+        recs = view.index.records
+        data = _Backend(box, view, np.asarray(recs["uid"], U32),
+                        np.asarray(recs["flags"], np.uint8), status.uidvalidity,
+                        status.uidnext, status.highestmodseq, bytes.fromhex(status.guid))
+        self.data[bk.mailbox_id] = data
+        return data
+
+    def search_mask(self, bk: BackendBox, data: _Backend) -> np.ndarray:
+        """The rule evaluated over every message of the backend."""
+        if data._mask is None:
+            from dovecot_index.search import MailboxSearch
+
+            query = bk.rule.search.strip() or "ALL"
+            with MailboxSearch(data.box.index_dir, view=data.view) as searcher:
+                data._mask = np.asarray(searcher.mask(query), bool)
+        return data._mask
+
+    def exists_in_view(self, vuids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.vuids, vuids)
+        ok = pos < len(self.vuids)
+        ok[ok] = self.vuids[pos[ok]] == vuids[ok]
+        return ok
+
+    def expunge(self, vuids: np.ndarray) -> None:
+        if len(vuids):
+            self.expunges.append(np.asarray(vuids, U32))
+
+    def external_flags(self, bk: BackendBox, vuids: np.ndarray, real_uids: np.ndarray
+                       ) -> None:
+        """``virtual_sync_external_flags`` for existing virtual messages: the backend's
+        flags (without \\Recent) and keywords replace the virtual ones; messages gone
+        from the backend are left alone."""
+        data = self.data.get(bk.mailbox_id)
+        if data is None or not len(vuids):
+            return
+        pos, ok = data.seqs_of(np.asarray(real_uids, U32))
+        vuids, pos = np.asarray(vuids, U32)[ok], pos[ok]
+        if not len(vuids):
+            return
+        flags = data.flags[pos] & BACKEND_FLAG_MASK
+        names = [data.keywords_at(int(p)) for p in pos.tolist()]
+        self.copies.append((vuids, flags, names))
+
+    # -------------------------------------------------------------------- run ---
+    def run(self) -> SyncReport:
+        ret, broken = ext_header_read(self.state, self.vbox.backends, self.view,
+                                      self.vbox.problems)                       # S2
+        self.report.problems += [f"{p.level}: {p.logged(str(self.vbox.directory))}"
+                                 for p in self.vbox.problems]
+        self.push_changes()                                                     # S3
+        for bk in self.vbox.backends:                                          # S5
+            self.backend_box(bk)
+        if not self.vbox.uids_mapped:                                           # S6
+            self.vbox.uids_mapped = True
+            self.map_uids()
+        self.add_new()                                                          # S7
+        self.index_finish()                                                     # S8
+        return self.commit()                                                    # S9
+
+    # ---------------------------------------------------------------------- S3 ---
+    def push_changes(self) -> None:
+        """``virtual_sync_index_changes``: requests written into the virtual log
+        (non-external flag/keyword/expunge records) go to the backends first."""
+        requests = [r for r in self.ctx.requests()
+                    if r.kind in (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID,
+                                  RecordKind.FLAG_UPDATE, RecordKind.KEYWORD_UPDATE,
+                                  RecordKind.KEYWORD_RESET)]
+        if requests:
+            from .push import push_requests
+
+            self.report.pushed = push_requests(self, requests)
+
+    # ---------------------------------------------------------------------- S5 ---
+    def backend_box(self, bk: BackendBox) -> None:
+        """``virtual_sync_backend_box`` for a backend without a search result (a fresh
+        process): the quick check, then a full or an incremental search."""
+        if bk.deleted:
+            return
+        data = self.backend(bk)
+        if data is None:
+            self.backend_box_deleted(bk)
+            return
+        if bk.sync_guid == bytes(GUID_SIZE):
+            bk.sync_guid = data.guid            # upgrading from an old virtual index
+            self.state.ext_header_rewrite = True
+        if self.mailbox_equals(bk, data):
+            bk.path = "unchanged"
+            if not len(bk.uid_real):
+                self.handle_old_vmsgs(bk, None)
+            return
+        if data.uid_validity != bk.sync_uid_validity or data.guid != bk.sync_guid:
+            bk.path = "full search" if bk.sync_uid_validity else "new"
+            bk.first_sync = True
+            self.backend_box_init(bk, data)
+        else:
+            bk.path = "incremental"
+            self.backend_box_continue(bk, data)
+        self.backend_ext_header(bk, data)
+
+    @staticmethod
+    def mailbox_equals(bk: BackendBox, data: _Backend) -> bool:
+        """``virtual_bbox_mailbox_equals``."""
+        return (bk.sync_guid == data.guid and bk.sync_uid_validity == data.uid_validity
+                and bk.sync_next_uid == data.next_uid
+                and bk.sync_highest_modseq == data.highest_modseq)
+
+    def backend_box_deleted(self, bk: BackendBox) -> None:
+        """``virtual_sync_backend_box_deleted``: every message of the uid map goes."""
+        self.mailbox_box_remove(bk, bk.uid_real.copy())
+        bk.deleted = True
+        bk.path = "deleted"
+
+    def handle_old_vmsgs(self, bk: BackendBox, data: _Backend | None
+                         ) -> np.ndarray | None:
+        """``virtual_sync_backend_handle_old_vmsgs``: the uid map from the virtual
+        messages of this backend; with ``data`` (a search result is being built) also
+        split them into still existing (the result) and expunged (returned)."""
+        mine = self.v_mailbox == bk.mailbox_id
+        real, vuid = self.v_real[mine], self.vuids[mine]
+        bk.set_uid_map(real, vuid)
+        if data is None:
+            return None
+        _, ok = data.seqs_of(real)
+        bk.search_result = np.unique(real[ok])
+        return np.unique(real[~ok])
+
+    def backend_box_init(self, bk: BackendBox, data: _Backend) -> None:
+        """``virtual_sync_backend_box_init``: a full search; the uid map becomes every
+        matching message, none of them in the virtual index yet."""
+        matching = data.uids[self.search_mask(bk, data)]
+        bk.set_uid_map(matching, np.zeros(len(matching), U32))
+        bk.search_result = matching.copy()
+
+    def backend_box_continue(self, bk: BackendBox, data: _Backend) -> None:
+        """``virtual_sync_backend_box_continue``: re-check old messages whose modseq
+        grew since the stored highest modseq, search the new ones."""
+        expunged = self.handle_old_vmsgs(bk, data)
+        assert expunged is not None and bk.search_result is not None
+        result = bk.search_result
+        old_msg_count = 0 if bk.sync_next_uid <= 1 else \
+            int(np.searchsorted(data.uids, bk.sync_next_uid))
+        flag_update = np.zeros(0, U32)
+        if bk.sync_highest_modseq < data.raw_highest_modseq():
+            mods = data.modseqs()[:old_msg_count]
+            flag_update = data.uids[:old_msg_count][mods > bk.sync_highest_modseq]
+        mask = self.search_mask(bk, data) if (len(flag_update)
+                                              or old_msg_count < len(data.uids)) else None
+        added = np.zeros(0, U32)
+        removed = np.zeros(0, U32)
+        if len(flag_update):
+            pos, _ok = data.seqs_of(flag_update)
+            assert mask is not None
+            match = mask[pos]
+            in_result = np.isin(flag_update, result)
+            added = flag_update[match & ~in_result]
+            removed = flag_update[~match & in_result]
+        if old_msg_count < len(data.uids):
+            assert mask is not None
+            new = data.uids[old_msg_count:][mask[old_msg_count:]]
+            added = np.union1d(added, new[~np.isin(new, result)]).astype(U32)
+        if len(expunged):
+            removed = np.setdiff1d(removed, expunged).astype(U32)
+            self.mailbox_box_remove(bk, expunged)
+        if self.expunge_removed:
+            self.mailbox_box_remove(bk, removed)
+        else:  # pragma: no cover - long-lived path
+            raise VirtualSyncError(str(self.vbox.directory), "delayed removal")
+        self.mailbox_box_add(bk, added)
+        bk.search_result = np.setdiff1d(np.union1d(result, added), removed).astype(U32)
+        self.mailbox_box_update_flags(bk, flag_update)
+
+    def mailbox_box_remove(self, bk: BackendBox, real_uids: np.ndarray) -> None:
+        """``virtual_sync_mailbox_box_remove``: expunge the virtual messages of these
+        real uids (those that exist) and drop them from the uid map."""
+        if not len(real_uids):
+            return
+        drop = np.isin(bk.uid_real, real_uids)
+        vu = bk.uid_virtual[drop]
+        vu = vu[vu != 0]
+        self.expunge(vu[self.exists_in_view(vu)])
+        bk.uid_real, bk.uid_virtual = bk.uid_real[~drop], bk.uid_virtual[~drop]
+
+    def mailbox_box_add(self, bk: BackendBox, real_uids: np.ndarray) -> None:
+        """``virtual_sync_mailbox_box_add``: into the uid map with virtual uid 0 (and,
+        after the first sync of a process, into ``all_adds``)."""
+        if not len(real_uids):
+            return
+        real = np.concatenate([bk.uid_real, np.asarray(real_uids, U32)])
+        virt = np.concatenate([bk.uid_virtual, np.zeros(len(real_uids), U32)])
+        bk.set_uid_map(real, virt)
+        if self.vbox.uids_mapped:  # pragma: no cover - long-lived path
+            self.all_adds.append((bk.mailbox_id, np.sort(np.asarray(real_uids, U32))))
+
+    def mailbox_box_update_flags(self, bk: BackendBox, real_uids: np.ndarray) -> None:
+        """``virtual_sync_mailbox_box_update_flags``: copy flags of changed old
+        messages that are in the virtual index."""
+        if not len(real_uids):
+            return
+        pos = np.searchsorted(bk.uid_real, real_uids)
+        ok = pos < len(bk.uid_real)
+        ok[ok] = bk.uid_real[pos[ok]] == real_uids[ok]
+        vu = np.zeros(len(real_uids), U32)
+        vu[ok] = bk.uid_virtual[pos[ok]]
+        ok &= vu != 0
+        ok[ok] = self.exists_in_view(vu[ok])
+        self.external_flags(bk, vu[ok], real_uids[ok])
+
+    def backend_ext_header(self, bk: BackendBox, data: _Backend) -> None:
+        """``virtual_sync_backend_ext_header``: the backend's entry in the header (as
+        two header updates, or left to the full rewrite)."""
+        wanted_ondisk = data.highest_modseq
+        if self.mailbox_equals(bk, data) and bk.ondisk_highest_modseq == wanted_ondisk:
+            return
+        bk.sync_uid_validity = data.uid_validity
+        bk.sync_next_uid = data.next_uid
+        bk.sync_highest_modseq = data.highest_modseq
+        bk.ondisk_highest_modseq = wanted_ondisk
+        bk.sync_guid = data.guid
+        if self.state.ext_header_rewrite:
+            return
+        k = bk.sync_mailbox_idx1 - 1
+        self.hdr_updates.append((VIRTUAL_EXT, 16 + 24 * k + 8, struct.pack(
+            "<IIQ", bk.sync_uid_validity, bk.sync_next_uid, bk.ondisk_highest_modseq)))
+        self.hdr_updates.append((VIRTUAL_EXT2, 8 + 16 * k, bk.sync_guid))
+        self.ext_header_changed = True
+
+    # ---------------------------------------------------------------------- S6 ---
+    def map_uids(self) -> None:
+        """``virtual_sync_backend_map_uids`` + ``virtual_sync_new_backend_boxes``: every
+        virtual message against its backend's uid map: mapped, expunged, or - for uid
+        map entries no message points to - added."""
+        by_id = {bk.mailbox_id: bk for bk in self.vbox.backends}
+        order = np.lexsort((self.v_real, self.v_mailbox))
+        mids, reals, vuids = self.v_mailbox[order], self.v_real[order], self.vuids[order]
+        starts = np.flatnonzero(np.r_[True, mids[1:] != mids[:-1]]).tolist() \
+            if len(mids) else []
+        ends = starts[1:] + [len(mids)] if starts else []
+        for s, e in zip(starts, ends, strict=True):
+            bk = by_id.get(int(mids[s]))
+            if bk is None or bk.first_sync:
+                self.expunge(vuids[s:e])            # the entire mailbox is lost
+                continue
+            bk.sync_seen = True
+            self._map_backend(bk, reals[s:e], vuids[s:e])
+        for bk in self.vbox.backends:
+            bk.first_sync = False
+            if not bk.sync_seen and len(bk.uid_real):
+                self.all_adds.append((bk.mailbox_id, bk.uid_real.copy()))
+
+    def _map_backend(self, bk: BackendBox, reals: np.ndarray, vuids: np.ndarray) -> None:
+        """The walk of ``virtual_sync_backend_map_uids`` over one backend's records
+        (sorted by real uid) and its uid map."""
+        R = bk.uid_real
+        if len(R) > 1 and not bool(np.all(R[1:] > R[:-1])):
+            self._map_backend_slow(bk, reals, vuids)
+            return
+        first = np.r_[True, reals[1:] != reals[:-1]] if len(reals) else np.zeros(0, bool)
+        pos = np.searchsorted(R, reals)
+        found = pos < len(R)
+        found[found] = R[pos[found]] == reals[found]
+        found &= first
+        self.expunge(vuids[~found])
+        bk.uid_virtual[pos[found]] = vuids[found]
+        if bk.search_result is not None:
+            self.external_flags(bk, vuids[found], reals[found])
+        matched = np.zeros(len(R), bool)
+        matched[pos[found]] = True
+        if (~matched).any():
+            self.all_adds.append((bk.mailbox_id, R[~matched].copy()))
+
+    def _map_backend_slow(self, bk: BackendBox, reals: np.ndarray, vuids: np.ndarray
+                          ) -> None:
+        """The same walk step by step (a uid map with duplicate real uids: a broken
+        index whose duplicates the old-messages scan took over)."""
+        R, V = bk.uid_real, bk.uid_virtual
+        j, n = 0, len(R)
+        adds: list[int] = []
+        expunge: list[int] = []
+        fl_v: list[int] = []
+        fl_r: list[int] = []
+        for x, vu in zip(reals.tolist(), vuids.tolist(), strict=True):
+            while j < n and int(R[j]) < x:
+                adds.append(int(R[j]))
+                j += 1
+            if j == n or int(R[j]) != x:
+                expunge.append(vu)
+            else:
+                V[j] = vu
+                j += 1
+                fl_v.append(vu)
+                fl_r.append(x)
+        adds += R[j:].tolist()
+        self.expunge(np.asarray(expunge, U32))
+        if bk.search_result is not None:
+            self.external_flags(bk, np.asarray(fl_v, U32), np.asarray(fl_r, U32))
+        if adds:
+            self.all_adds.append((bk.mailbox_id, np.asarray(adds, U32)))
+
+    # ---------------------------------------------------------------------- S7 ---
+    def add_new(self) -> None:
+        """``virtual_sync_backend_add_new`` (+ ``virtual_sync_backend_sort_new``): new
+        virtual messages, by received date then real uid when they come from several
+        backends, in ``all_adds`` order from one; flags and keywords copied."""
+        next_uid = int(self.view.index.header.next_uid)
+        adds = [(mid, r) for mid, r in self.all_adds if len(r)]
+        if not adds:
+            self.vbox.sync_virtual_next_uid = next_uid
+            return
+        mids = np.concatenate([np.full(len(r), mid, U32) for mid, r in adds])
+        reals = np.concatenate([r for _, r in adds]).astype(U32)
+        by_id = {bk.mailbox_id: bk for bk in self.vbox.backends}
+        if mids[0] != mids[-1]:
+            dates = np.zeros(len(mids), np.int64)
+            for mid in np.unique(mids).tolist():
+                sel = mids == mid
+                data = self.backend(by_id[mid])
+                if data is None:
+                    continue
+                pos, ok = data.seqs_of(reals[sel])
+                d = np.zeros(int(sel.sum()), np.int64)
+                d[ok] = data.received_dates()[pos[ok]]
+                dates[sel] = d
+            order = np.lexsort((reals, dates))
+            mids, reals = mids[order], reals[order]
+        new_uids = np.arange(next_uid, next_uid + len(mids), dtype=np.int64)
+        flags = np.zeros(len(mids), np.uint8)
+        names: list[tuple[str, ...]] = [()] * len(mids)
+        for mid in np.unique(mids).tolist():
+            sel = np.flatnonzero(mids == mid)
+            bk = by_id[mid]
+            data = self.backend(bk)
+            pos_map = np.searchsorted(bk.uid_real, reals[sel])
+            bk.uid_virtual[pos_map] = new_uids[sel].astype(U32)
+            if data is None:
+                continue
+            pos, ok = data.seqs_of(reals[sel])
+            flags[sel[ok]] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
+            for i, p in zip(sel[ok].tolist(), pos[ok].tolist(), strict=True):
+                names[i] = data.keywords_at(p)
+        for f in np.unique(flags).tolist():
+            self.t.append(new_uids[flags == f], flags=int(f))
+        for uid, mid, real in zip(new_uids.tolist(), mids.tolist(), reals.tolist(),
+                                  strict=True):
+            self.t.update_ext_record(VIRTUAL_EXT, uid, struct.pack("<II", mid, real))
+        self.copies.append((new_uids.astype(U32), flags, names))
+        self.report.appended = list(zip(new_uids.tolist(), mids.tolist(), reals.tolist(),
+                                        strict=True))
+        self.vbox.sync_virtual_next_uid = next_uid + len(mids)
+
+    # ---------------------------------------------------------------------- S8 ---
+    def index_finish(self) -> None:
+        """``virtual_sync_index_finish``: uid validity of a new index, flag/keyword
+        copies, expunges, and the header rewrite or change counter update."""
+        t = self.t
+        t.ext_register(VIRTUAL_EXT, 0, VIRTUAL_RECORD_SIZE, VIRTUAL_RECORD_ALIGN)
+        t.ext_register(VIRTUAL_EXT2, 0, 0, 0)
+        t.ext_register(VIRTUAL_GUID_EXT, GUID_SIZE, 0, 0)
+        if int(self.view.index.header.uid_validity) == 0:
+            t.set_uid_validity(int(time.time()))
+        self._write_copies()
+        if self.expunges:
+            ex = np.unique(np.concatenate(self.expunges))
+            if len(ex):
+                t.expunge(ex)
+                self.report.expunged = ex.tolist()
+        state = self.state
+        if state.ext_header_rewrite:
+            self._ext_header_rewrite()
+            self.report.header = "rewrite"
+        elif self.ext_header_changed:
+            state.prev_change_counter += 1
+            cc = struct.pack("<I", state.prev_change_counter)
+            for name, offset, data in sorted(self.hdr_updates + [
+                    (VIRTUAL_EXT, 0, cc), (VIRTUAL_EXT2, 4, cc)]):
+                t.update_ext_header(name, offset, data)
+            self.report.header = "update"
+
+    def _write_copies(self) -> None:
+        """Flag and keyword copies, batched by value; keyword calls grouped by name tuple
+        in first-use order, which registers names in Dovecot's call order."""
+        if not self.copies:
+            return
+        all_v = np.concatenate([c[0] for c in self.copies])
+        all_f = np.concatenate([c[1] for c in self.copies])
+        all_n: list[tuple[str, ...]] = []
+        for c in self.copies:
+            all_n.extend(c[2])
+        appended = set(uid for uid, _, _ in self.report.appended)
+        existing = np.array([v not in appended for v in all_v.tolist()], bool) \
+            if appended else np.ones(len(all_v), bool)
+        ev, ef = all_v[existing], all_f[existing]
+        for f in np.unique(ef).tolist():
+            self.t.update_flags(np.unique(ev[ef == f]), replace=int(f))
+        self.report.flag_copies = len(np.unique(ev))
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for v, nm in zip(all_v.tolist(), all_n, strict=True):
+            groups.setdefault(nm, []).append(v)
+        for nm, vs in groups.items():
+            if not nm and not any(v not in appended for v in vs):
+                continue
+            self.t.replace_keywords(np.unique(np.asarray(vs, U32)), nm)
+
+    def _ext_header_rewrite(self) -> None:
+        """``virtual_sync_ext_header_rewrite``: both headers whole, backends in id
+        order (the ``virtual`` extension grows but never shrinks)."""
+        state = self.state
+        state.prev_change_counter += 1
+        cc = state.prev_change_counter
+        boxes = [HeaderMailbox(bk.mailbox_id, bk.name, bk.sync_uid_validity,
+                               bk.sync_next_uid, bk.ondisk_highest_modseq, bk.sync_guid)
+                 for bk in self.vbox.backends]
+        highest = max([state.highest_mailbox_id, *(bk.mailbox_id for bk in
+                                                   self.vbox.backends)])
+        state.highest_mailbox_id = highest
+        v = compile_virtual_header(cc, highest, state.search_args_crc32, boxes)
+        v2 = compile_virtual2_header(cc, boxes)
+        for i, bk in enumerate(self.vbox.backends):
+            bk.sync_mailbox_idx1 = i + 1
+        idx = self.view.index
+        cur, cur2 = idx.ext(VIRTUAL_EXT), idx.ext(VIRTUAL_EXT2)
+        t = self.t
+        if cur is None or cur.hdr_size < len(v):
+            t.ext_resize(VIRTUAL_EXT, hdr_size=len(v), record_size=VIRTUAL_RECORD_SIZE,
+                         record_align=VIRTUAL_RECORD_ALIGN)
+        t.update_ext_header(VIRTUAL_EXT, 0, v)
+        if cur2 is None or cur2.hdr_size != len(v2):
+            t.ext_resize(VIRTUAL_EXT2, hdr_size=len(v2), record_size=0, record_align=0)
+        t.update_ext_header(VIRTUAL_EXT2, 0, v2)
+
+    # ---------------------------------------------------------------------- S9 ---
+    def commit(self) -> SyncReport:
+        """``virtual_sync_finish``: commit the sync (transaction + tail offset) or, for
+        a dry run, roll it back."""
+        report = self.report
+        report.backends = [{"mailbox_id": bk.mailbox_id, "name": bk.name,
+                            "path": bk.path or "not synced"} for bk in self.vbox.backends]
+        report.uid_validity = int(self.view.index.header.uid_validity)
+        report.next_uid = self.vbox.sync_virtual_next_uid
+        if self.dry_run:
+            self.ctx.rollback()
+            return report
+        result = self.ctx.commit()
+        self.state.ext_header_rewrite = False
+        report.written = bool(result.size) if hasattr(result, "size") else True
+        report.log_offset = getattr(result, "offset", None)
+        return report
+
