@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
     from virtual.inspect import register_inspect
     from virtual.repair import register_repair
+    from virtual.sync import register_vsync
 
     register_inspect(sub)
     register_repair(sub)
+    register_vsync(sub)
     return parser
 
 

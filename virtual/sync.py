@@ -416,10 +416,8 @@ class VirtualMailbox:
                 t.commit(write_index=False, rotate=False)
 
     def _current_view(self) -> MailboxView:
-        if any((self.directory / n).exists()
-               for n in ("dovecot.index", "dovecot.index.log")):
-            return MailboxView(self.directory)
-        return MailboxView(self.directory)  # an empty map
+        """The replayed virtual index (an empty map when it has no files yet)."""
+        return MailboxView(self.directory)
 
     def _backend_exists(self, name: str) -> bool:
         from dovecot_index.storage import StorageError
@@ -447,9 +445,17 @@ class VirtualMailbox:
             raise VirtualSyncError(str(self.directory), "a second sync in one process "
                                    "(Dovecot's long-lived session path) is not "
                                    "implemented: open a new VirtualMailbox")
+        if dry_run:
+            # no lock, no files created: the replayed state and a transaction that is
+            # never committed
+            view = self._current_view()
+            return _Sync(self, None, view, view.pending(),
+                         Transaction(self.index, external=True), expunge_removed=True,
+                         dry_run=True).run()
         ctx = self.index.sync(drop_recent=drop_recent)
         try:
-            report = _Sync(self, ctx, expunge_removed=True, dry_run=dry_run).run()
+            report = _Sync(self, ctx, ctx.view, ctx.requests(), ctx.transaction,
+                           expunge_removed=True, dry_run=False).run()
         except BaseException:
             ctx.rollback()
             raise
@@ -508,12 +514,14 @@ def _listed_with_status(directory: Path) -> bool:
 class _Sync:
     """``struct virtual_sync_context``: one run of S1...S9."""
 
-    def __init__(self, vbox: VirtualMailbox, ctx: SyncContext, *, expunge_removed: bool,
+    def __init__(self, vbox: VirtualMailbox, ctx: SyncContext | None, view: MailboxView,
+                 requests: list[Any], transaction: Transaction, *, expunge_removed: bool,
                  dry_run: bool) -> None:
         self.vbox = vbox
         self.ctx = ctx
-        self.view = ctx.view
-        self.t: Transaction = ctx.transaction
+        self.view = view
+        self.requests = requests
+        self.t = transaction
         self.expunge_removed = expunge_removed
         self.dry_run = dry_run
         assert vbox.state is not None
@@ -617,7 +625,7 @@ class _Sync:
     def push_changes(self) -> None:
         """``virtual_sync_index_changes``: requests written into the virtual log
         (non-external flag/keyword/expunge records) go to the backends first."""
-        requests = [r for r in self.ctx.requests()
+        requests = [r for r in self.requests
                     if r.kind in (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID,
                                   RecordKind.FLAG_UPDATE, RecordKind.KEYWORD_UPDATE,
                                   RecordKind.KEYWORD_RESET)]
@@ -992,8 +1000,8 @@ class _Sync:
                             "path": bk.path or "not synced"} for bk in self.vbox.backends]
         report.uid_validity = int(self.view.index.header.uid_validity)
         report.next_uid = self.vbox.sync_virtual_next_uid
-        if self.dry_run:
-            self.ctx.rollback()
+        if self.ctx is None:
+            self.t.rollback()
             return report
         result = self.ctx.commit()
         self.state.ext_header_rewrite = False
@@ -1001,3 +1009,49 @@ class _Sync:
         report.log_offset = getattr(result, "offset", None)
         return report
 
+
+
+# ====================================================================== CLI
+
+
+def cmd_vsync(args: Any) -> int:
+    """``dovecot-index vsync``: the sync a fresh ``doveadm mailbox status`` performs."""
+    import json
+    import sys
+
+    from dovecot_index.storage import storage_from_args
+
+    storage = storage_from_args(args)
+    if storage is None:
+        raise DovecotIndexError(args.mailbox, "give --config (and --home) to find the "
+                                "virtual mailbox and its backends")
+    vbox = VirtualMailbox(storage, args.mailbox)
+    report = vbox.sync(expunge=args.expunge, dry_run=args.dry_run)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(report.text())
+    return 0
+
+
+def register_vsync(subparsers: Any) -> Any:
+    p = subparsers.add_parser(
+        "vsync", help="sync a virtual mailbox with its backends, as Dovecot does",
+        description="Bring a virtual mailbox's index in step with its backend mailboxes "
+        "with Dovecot's algorithm (virtual-sync.c): the sync a fresh 'doveadm mailbox "
+        "status' process performs when it opens the mailbox. Writes the virtual index "
+        "under Dovecot's lock, one transaction; --dry-run writes nothing.")
+    p.add_argument("mailbox", help="the virtual mailbox, e.g. Virtual/all")
+    p.add_argument("--config", "-c", required=True, help="dovecot.conf")
+    p.add_argument("--home", default=None, help="the user's home directory")
+    p.add_argument("--user", "-u", default=None, help="user name for %%u")
+    p.add_argument("--protocol", default="doveadm")
+    p.add_argument("--expunge", action="store_true",
+                   help="the sync of an IMAP EXPUNGE (removes non-matching messages; an "
+                   "open-time sync does that anyway)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would change, write nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vsync)
+    return p
