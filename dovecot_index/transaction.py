@@ -968,6 +968,7 @@ class Transaction:
         hdr = index.header
         existing = np.asarray(index.records["uid"], dtype=np.uint32)
         next_uid = int(hdr.next_uid)
+        self._resize_intro_used: set[str] = set()
 
         # --- appends (sorted, UIDs assigned) ---------------------------------
         explicit = sorted(u for u, _, _ in self._appends if u is not None)
@@ -1123,7 +1124,12 @@ class Transaction:
         ch = self._ext[name]
         ext_id = _NO_EXT_ID if pos is None else pos
         raw_name = b"" if pos is not None else name.encode()
-        if ch.resize is not None:
+        used = getattr(self, "_resize_intro_used", set())
+        if ch.resize is not None and name not in used:
+            # Dovecot clears the resize's name_size once it wrote the resize intro of an
+            # extension the map has: later intros of this export are generated ones
+            if pos is not None:
+                used.add(name)
             hs, rs, ra = ch.resize
             cur_hdr = ext.hdr_size if ext is not None else d.hdr_size
             hdr_size = cur_hdr if hs < 0 else hs
