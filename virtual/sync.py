@@ -508,6 +508,33 @@ def _listed_with_status(directory: Path) -> bool:
     return uidv != 0
 
 
+def _check_storage_synced(bk: BackendBox, box: Any, view: MailboxView) -> None:
+    """Refuse a Maildir backend whose ``dovecot-uidlist`` and index disagree: Dovecot's
+    sync of it (``maildir_sync_index``) would first rewrite its index, which this
+    read-only layer does not reproduce."""
+    from dovecot_index.storage import MaildirMailbox, UidlistError
+
+    if not isinstance(box, MaildirMailbox):
+        return
+    try:
+        ul = box.uidlist
+    except UidlistError as e:
+        raise VirtualSyncError(e.path, f"{e.reason} (for backend mailbox {bk.name})") from e
+    hdr = view.index.header
+    index_uids = set(view.index.records["uid"].tolist())
+    why = None
+    if int(hdr.uid_validity) not in (0, ul.uid_validity):
+        why = f"uid validity {ul.uid_validity} in dovecot-uidlist, {hdr.uid_validity} in " \
+              "the index"
+    elif set(ul.records) != index_uids:
+        why = f"{len(set(ul.records) ^ index_uids)} message(s) only in dovecot-uidlist " \
+              "or only in the index"
+    if why is not None:
+        raise VirtualSyncError(str(box.path), f"backend mailbox {bk.name} needs a "
+                               f"Maildir sync ({why}): Dovecot would rewrite its index "
+                               "first, which is not reproduced; nothing was written")
+
+
 # ====================================================================== one sync
 
 
@@ -563,6 +590,7 @@ class _Sync:
             raise VirtualSyncError(e.path, f"{e.reason} (for backend mailbox "
                                    f"{bk.name})") from e
         recs = view.index.records
+        _check_storage_synced(bk, box, view)
         data = _Backend(box, view, np.asarray(recs["uid"], U32),
                         np.asarray(recs["flags"], np.uint8), status.uidvalidity,
                         status.uidnext, status.highestmodseq, bytes.fromhex(status.guid))
