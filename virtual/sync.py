@@ -526,13 +526,56 @@ def _check_storage_synced(bk: BackendBox, box: Any, view: MailboxView) -> None:
     if int(hdr.uid_validity) not in (0, ul.uid_validity):
         why = f"uid validity {ul.uid_validity} in dovecot-uidlist, {hdr.uid_validity} in " \
               "the index"
-    elif set(ul.records) != index_uids:
-        why = f"{len(set(ul.records) ^ index_uids)} message(s) only in dovecot-uidlist " \
-              "or only in the index"
+    elif index_uids - set(ul.records):
+        why = f"{len(index_uids - set(ul.records))} indexed message(s) not in " \
+              "dovecot-uidlist"
+    elif any(uid >= int(hdr.next_uid) for uid in ul.records):
+        why = "dovecot-uidlist has messages the index has not seen yet"
+    else:
+        why = _maildir_files_differ(box, ul, view)
     if why is not None:
         raise VirtualSyncError(str(box.path), f"backend mailbox {bk.name} needs a "
                                f"Maildir sync ({why}): Dovecot would rewrite its index "
                                "first, which is not reproduced; nothing was written")
+
+
+_MAILDIR_FLAG_LETTERS = {"D": b.MAIL_DRAFT, "F": b.MAIL_FLAGGED, "R": b.MAIL_ANSWERED,
+                         "S": b.MAIL_SEEN, "T": b.MAIL_DELETED}
+
+
+def _maildir_files_differ(box: Any, ul: Any, view: MailboxView) -> str | None:
+    """What ``maildir_sync_index`` would change in the index: mail files that are not
+    in ``dovecot-uidlist``, indexed messages whose file is gone, flags or keywords in a
+    file name (``:2,`` letters, ``dovecot-keywords``) that the index does not have."""
+    from dovecot_index.storage.maildir import read_maildir_keywords
+
+    files = box._mail_files()
+    listed = {rec.basename for rec in ul.records.values()}
+    extra = [name for name in files if name not in listed]
+    if extra:
+        return f"{len(extra)} mail file(s) not in dovecot-uidlist"
+    idx = view.index
+    letters = read_maildir_keywords(box.control_dir / "dovecot-keywords")
+    names = list(idx.keywords)
+    matrix = idx.keyword_matrix() if names else None
+    for i, (uid, flags) in enumerate(zip(idx.records["uid"].tolist(),
+                                         idx.records["flags"].tolist(), strict=True)):
+        path = files.get(ul.records[uid].basename)
+        if path is None:
+            return f"the file of uid {uid} is gone"
+        info = path.name.partition(":2,")[2] if path.parent.name == "cur" else ""
+        want = 0
+        kws = set()
+        for ch in info:
+            if ch in _MAILDIR_FLAG_LETTERS:
+                want |= _MAILDIR_FLAG_LETTERS[ch]
+            elif "a" <= ch <= "z" and (ord(ch) - 97) in letters:
+                kws.add(letters[ord(ch) - 97].lower())
+        have = {names[k].lower() for k in np.flatnonzero(matrix[i])} \
+            if matrix is not None else set()
+        if want != flags & 0x1F or kws != have:
+            return f"the file name of uid {uid} has other flags or keywords than the index"
+    return None
 
 
 # ====================================================================== one sync
