@@ -337,7 +337,9 @@ class VirtualMailbox:
     :param storage: the user's :class:`~dovecot_index.storage.MailStorage`
     :param name: the virtual mailbox's name (``Virtual/all``)
     :param directory: its directory (default: from the virtual namespace's location)
-    :param lock_method: the virtual index's lock method (``fcntl``, ``flock``, ``dotlock``)
+    :param lock_method: the index lock method (``fcntl``, ``flock``, ``dotlock``); default
+        and every other ``mail_index_*`` setting (rewrite and rotation thresholds,
+        ``mail_fsync``) from the storage's configuration
     :param opens: how often the mailbox is opened before the sync (each open of a
         definition without a header for its rules writes a new GUID). ``None`` = as
         ``doveadm mailbox status`` (the CLI's default sync) does: twice when the
@@ -347,7 +349,7 @@ class VirtualMailbox:
     """
 
     def __init__(self, storage: Any, name: str, *, directory: str | os.PathLike[str]
-                 | None = None, lock_method: str = "fcntl", opens: int | None = None
+                 | None = None, lock_method: str | None = None, opens: int | None = None
                  ) -> None:
         self.storage = storage
         self.name = name
@@ -355,9 +357,13 @@ class VirtualMailbox:
             from .inspect import _virtual_dir
             directory = _virtual_dir(storage, name)
         self.directory = Path(directory)
-        self.lock_method = lock_method
         self.opens = opens
-        self.index = MailboxIndex(self.directory, lock_method=lock_method)
+        config = getattr(storage, "config", None)
+        self.index_options: dict[str, Any] = config.index_options() \
+            if hasattr(config, "index_options") else {}
+        if lock_method is not None:
+            self.index_options["lock_method"] = lock_method
+        self.index = MailboxIndex(self.directory, **self.index_options)
         self.config: VirtualConfig | None = None
         self.backends: list[BackendBox] = []
         self.state: _HeaderState | None = None

@@ -45,6 +45,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import DovecotIndexError
 
@@ -69,6 +70,12 @@ FILTER_SECTIONS = frozenset({"protocol", "local", "remote", "local_name"})
 SETTING_DEFAULTS: dict[str, str] = {
     "mail_plugins": "",
     "mail_location": "",
+    "mail_index_rewrite_min_log_bytes": "8k",
+    "mail_index_rewrite_max_log_bytes": "128k",
+    "mail_index_log_rotate_min_size": "32k",
+    "mail_index_log_rotate_max_size": "1M",
+    "mail_index_log_rotate_min_age": "5 mins",
+    "mail_index_log2_max_age": "2 days",
     "mail_home": "",
     "mail_uid": "",
     "mail_gid": "",
@@ -475,6 +482,27 @@ class DovecotConfig:
                 out.update(sec.items())
         return out
 
+    def index_options(self) -> dict[str, Any]:
+        """The ``mail_index_*`` / ``lock_method`` / ``mail_fsync`` settings as keyword
+        arguments of :class:`dovecot_index.transaction.MailboxIndex` (sizes and times in
+        Dovecot's units)."""
+        def size(key: str) -> int:
+            return parse_size(self._text(key), key=key, origin=self.origin(key))
+
+        def secs(key: str) -> float:
+            return parse_time(self._text(key), key=key, origin=self.origin(key))
+
+        return {
+            "lock_method": self._text("lock_method"),
+            "fsync": self._text("mail_fsync") != "never",
+            "index_rewrite_min_log_bytes": size("mail_index_rewrite_min_log_bytes"),
+            "index_rewrite_max_log_bytes": size("mail_index_rewrite_max_log_bytes"),
+            "rotate_min_size": size("mail_index_log_rotate_min_size"),
+            "rotate_max_size": size("mail_index_log_rotate_max_size"),
+            "rotate_min_age": secs("mail_index_log_rotate_min_age"),
+            "log2_max_age": secs("mail_index_log2_max_age"),
+        }
+
     @property
     def namespaces(self) -> list[NamespaceSettings]:
         """The configured namespaces (``disabled`` ones included), in file order; when
@@ -831,3 +859,34 @@ def parse_config(path: str | os.PathLike[str], *,
     except OSError as e:
         raise ConfigError(path, f"open({path}) failed: {e.strerror}") from e
     return parse_config_text(data, path, env=env)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+_TIME_UNITS = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+               "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+               "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400,
+               "days": 86400, "w": 7 * 86400, "week": 7 * 86400, "weeks": 7 * 86400,
+               "ms": 0.001, "msec": 0.001, "msecs": 0.001}
+
+
+def _number_unit(value: str, units: dict[str, float], key: str, origin: Any,
+                 what: str) -> float:
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+    unit = m.group(2).lower() if m else ""
+    if what == "size" and unit.endswith("b") and len(unit) == 2:
+        unit = unit[0]          # "kB", "MB"
+    if m is None or unit not in units:
+        path = origin.path if origin is not None else None
+        line = origin.line if origin is not None else None
+        raise ConfigError(path or "<config>", f"{key}: Invalid {what} {value}", line)
+    return int(m.group(1)) * units[unit]
+
+
+def parse_size(value: str, *, key: str = "", origin: Any = None) -> int:
+    """A Dovecot size setting (``32k``, ``1M``, ``128 kB``) in bytes."""
+    return int(_number_unit(value, _SIZE_UNITS, key, origin, "size"))
+
+
+def parse_time(value: str, *, key: str = "", origin: Any = None) -> float:
+    """A Dovecot time setting (``5 mins``, ``2 days``, ``30s``) in seconds."""
+    return float(_number_unit(value, _TIME_UNITS, key, origin, "time"))
