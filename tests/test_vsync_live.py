@@ -125,19 +125,59 @@ def test_cli_dry_run_writes_nothing(live_dovecot_factory, capsys) -> None:  # ty
     assert rc != 0 and "not a virtual mailbox" in err and "Traceback" not in err
 
 
-def test_pending_virtual_requests_are_refused(live_dovecot_factory, capsys) -> None:  # type: ignore[no-untyped-def]
-    """Changes made through the virtual mailbox and not yet pushed to the backends:
-    pushing is not implemented, so the sync refuses and writes nothing."""
+def test_pending_virtual_requests_are_pushed(live_dovecot_factory, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Changes made through the virtual mailbox and not yet synced (what IMAP STORE
+    commits before its sync): an sdbox backend gets them as requests and its sync
+    carries them out (an expunge unlinks the file); Dovecot then sees the backend
+    changed, the virtual index in step, and has nothing to write."""
     dc = _store(live_dovecot_factory)
     dc.status("Virtual/all", ["messages"])
     vdir = dc.mailbox_dir("Virtual/all")
+    recs = MailboxView(vdir).index.records
+    real = {int(u): (int(m), int(r)) for u, m, r in zip(
+        recs["uid"], recs["virtual"]["mailbox_id"], recs["virtual"]["real_uid"],
+        strict=True)}
+    assert real[1] == (1, 1) and real[2] == (2, 1)
     t = MailboxIndex(vdir).transaction()
-    t.update_flags([1], add=0x04)           # a \Flagged request, as IMAP STORE commits
+    t.update_flags([1], add=0x02)             # \Flagged on INBOX uid 1
+    t.add_keywords([1], ["pushed"])
+    t.expunge([2])                             # work uid 1
     t.commit(write_index=False, rotate=False)
     assert MailboxView(vdir).pending()
+    work_file = dc.mailbox_dir("work") / "u.1"
+    assert work_file.exists()
+
+    report = VirtualMailbox.from_config(dc.config_path, dc.home, "Virtual/all",
+                                        user="test").sync()
+    assert report.pushed == 3 and report.expunged == [2]
+    assert not MailboxView(vdir).pending()
+    assert not work_file.exists()
+    inbox = {r["uid"]: r["flags"] for r in dc.fetch("INBOX", ["uid", "flags"])}
+    assert "\\Flagged" in inbox[1] and "pushed" in inbox[1]
+    assert [r["uid"] for r in dc.fetch("work", ["uid"])] == [2]
+    before = tree_digest(vdir)
+    rows = _fetch(dc)
+    assert tree_digest(vdir) == before
+    assert [u for u, _, _ in rows] == [1, 3, 4, 5]
+    assert "pushed" in rows[0][1] and "\\Flagged" in rows[0][1]
+
+
+def test_pending_requests_for_maildir_are_refused(live_dovecot_factory, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Pushing to a Maildir backend means renaming its files: not reproduced, so the
+    sync refuses and writes nothing."""
+    from dovecot_index.live import Message
+
+    dc = live_dovecot_factory(backend="maildir")
+    dc.append("INBOX", [Message(subject="m", internaldate=1_600_000_000)])
+    dc.define_virtual("all", "INBOX\n  ALL\n")
+    dc.status("Virtual/all", ["messages"])
+    vdir = dc.mailbox_dir("Virtual/all")
+    t = MailboxIndex(vdir).transaction()
+    t.update_flags([1], add=0x04)
+    t.commit(write_index=False, rotate=False)
     before = tree_digest(dc.home)
     rc = cli_main(["vsync", "--config", str(dc.config_path), "--home", str(dc.home),
                    "--user", "test", "Virtual/all"])
     err = capsys.readouterr().err
-    assert rc != 0 and "pending request" in err
+    assert rc != 0 and "Maildir backend INBOX" in err and "Traceback" not in err
     assert tree_digest(dc.home) == before

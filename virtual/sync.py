@@ -612,6 +612,8 @@ class _Sync:
             self.v_mailbox = np.zeros(len(recs), U32)
             self.v_real = np.zeros(len(recs), U32)
         self.data: dict[int, _Backend | None] = {}
+        self.pushes: dict[int, Any] = {}          # S3: backend "sync mail" transactions
+        self.opened: dict[int, Any] = {}          # backends opened by S3 (storage Mailbox)
         self.expunges: list[np.ndarray] = []
         # flag and keyword copies in Dovecot's call order: (vuids, flags, names) for
         # existing messages; appended ones are handled in add_new
@@ -645,6 +647,40 @@ class _Sync:
                         status.uidnext, status.highestmodseq, bytes.fromhex(status.guid))
         self.data[bk.mailbox_id] = data
         return data
+
+    def backend_box_open(self, bk: BackendBox) -> Any:
+        """``mailbox_open`` of a backend for S3 (``None`` if it no longer exists)."""
+        from dovecot_index.storage import MailboxNotFoundError
+
+        if bk.mailbox_id not in self.opened:
+            try:
+                box = self.vbox.storage.mailbox(bk.name)
+                box.view  # noqa: B018 - opens the index
+            except MailboxNotFoundError:
+                return None
+            self.opened[bk.mailbox_id] = box
+        return self.opened[bk.mailbox_id]
+
+    def backend_storage_sync(self, bk: BackendBox) -> None:
+        """Commit S3's changes for this backend (``virtual_backend_box_sync_mail_unset``)
+        and run the backend's own sync (``mailbox_sync``), then forget what was read."""
+        from .push import storage_sync
+
+        push = self.pushes.pop(bk.mailbox_id, None)
+        if self.dry_run:
+            return
+        if push is not None:
+            push.transaction.commit()
+        box = self.opened.get(bk.mailbox_id)
+        if box is None:
+            data = self.data.get(bk.mailbox_id)
+            box = data.box if data is not None else None
+        if box is None:
+            return
+        storage_sync(box, self.vbox.index_options)
+        box.close()
+        self.data.pop(bk.mailbox_id, None)
+        self.opened[bk.mailbox_id] = box
 
     def search_mask(self, bk: BackendBox, data: _Backend) -> np.ndarray:
         """The rule evaluated over every message of the backend."""
@@ -710,6 +746,10 @@ class _Sync:
             from .push import push_requests
 
             self.report.pushed = push_requests(self, requests)
+            if self.dry_run and self.report.pushed:
+                self.report.problems.append(
+                    "note: a dry run does not apply the pushed changes to the backends, "
+                    "so what follows from them is not shown")
 
     # ---------------------------------------------------------------------- S5 ---
     def backend_box(self, bk: BackendBox) -> None:
@@ -717,6 +757,8 @@ class _Sync:
         process): the quick check, then a full or an incremental search."""
         if bk.deleted:
             return
+        if bk.mailbox_id in self.opened:         # A1: opened by S3: sync it first
+            self.backend_storage_sync(bk)
         data = self.backend(bk)
         if data is None:
             self.backend_box_deleted(bk)
@@ -729,6 +771,13 @@ class _Sync:
             if not len(bk.uid_real):
                 self.handle_old_vmsgs(bk, None)
             return
+        if bk.mailbox_id not in self.opened:     # A5: first open of its index: sync
+            self.opened[bk.mailbox_id] = data.box
+            self.backend_storage_sync(bk)
+            data = self.backend(bk)
+            if data is None:
+                self.backend_box_deleted(bk)
+                return
         if data.uid_validity != bk.sync_uid_validity or data.guid != bk.sync_guid:
             bk.path = "full search" if bk.sync_uid_validity else "new"
             bk.first_sync = True
