@@ -109,6 +109,7 @@ __all__ = [
     "Mask",
     "MaskState",
     "OurOpenEngine",
+    "OurSessionEngine",
     "Op",
     "ScenarioGenerator",
     "ScenarioResult",
@@ -360,11 +361,41 @@ class OurOpenEngine(SyncEngine):
         vbox.sync()
 
 
+class OurSessionEngine(SyncEngine):
+    """Our long-lived path: one :class:`~virtual.sync.VirtualMailbox` opened at
+    :meth:`start` (an IMAP ``SELECT``: open, an open-time sync dropping \\Recent) and
+    synced again every round (``NOOP``: no expunge of non-matching messages)."""
+
+    name = "ours-session"
+    long_lived = True
+    open_stable = False
+
+    def __init__(self) -> None:
+        self.vbox: object | None = None
+
+    def start(self, store: Store) -> None:
+        from .sync import VirtualMailbox
+
+        self.vbox = VirtualMailbox.from_config(store.dc.config_path, store.dc.home,
+                                               store.vname, user=store.dc.user,
+                                               lists=False)
+        self.vbox.select()  # type: ignore[attr-defined]
+
+    def sync(self, store: Store) -> None:
+        if self.vbox is None:
+            raise DovecotError("ours-session: sync before start")
+        self.vbox.sync(drop_recent=True)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self.vbox = None
+
+
 #: Engines by name (``--engine-a``/``--engine-b``); see :func:`register_engine`.
 ENGINES: dict[str, Callable[[], SyncEngine]] = {
     DovecotOpenEngine.name: DovecotOpenEngine,
     DovecotSessionEngine.name: DovecotSessionEngine,
     OurOpenEngine.name: OurOpenEngine,
+    OurSessionEngine.name: OurSessionEngine,
 }
 
 

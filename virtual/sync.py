@@ -150,6 +150,29 @@ class _Backend:
 
 
 @dataclass
+class _Seen:
+    """A backend's view as of this process's last sync of it: what its next
+    ``mailbox_sync`` reports changes against."""
+
+    uids: np.ndarray
+    flags: np.ndarray
+    keywords: list[frozenset[str]]
+    modseqs: np.ndarray | None     # None: no modseq extension
+    highest_modseq: int
+    next_uid: int
+
+    @classmethod
+    def of(cls, data: _Backend) -> _Seen:
+        recs = data.view.index.records
+        has_modseq = "modseq" in (recs.dtype.names or ())
+        return cls(data.uids.copy(), data.flags.copy(),
+                   [frozenset(n.lower() for n in data.keywords_at(i))
+                    for i in range(len(data.uids))],
+                   data.modseqs() if has_modseq else None, data.raw_highest_modseq(),
+                   data.next_uid)
+
+
+@dataclass
 class BackendBox:
     """``struct virtual_backend_box``: one backend mailbox of the definition and what
     the virtual mailbox remembers about it."""
@@ -171,6 +194,13 @@ class BackendBox:
     sync_seen: bool = False
     deleted: bool = False
     path: str = ""                # how the last sync handled it (report)
+    #: delayed removals (``sync_pending_removes``) and expunges of its virtual messages
+    #: made by others (``sync_outside_expunges``), real uids
+    sync_pending_removes: np.ndarray = field(default_factory=lambda: np.zeros(0, U32))
+    sync_outside_expunges: np.ndarray = field(default_factory=lambda: np.zeros(0, U32))
+    #: the backend as this process's view last saw it (for the next backend sync)
+    seen: _Seen | None = None
+    opened: bool = False          # its index is open in this process (``box->opened``)
 
     @property
     def name(self) -> str:
@@ -341,16 +371,18 @@ class VirtualMailbox:
         and every other ``mail_index_*`` setting (rewrite and rotation thresholds,
         ``mail_fsync``) from the storage's configuration
     :param opens: how often the mailbox is opened before the sync (each open of a
-        definition without a header for its rules writes a new GUID). ``None`` = as
-        ``doveadm mailbox status`` (the CLI's default sync) does: twice when the
-        virtual namespace's mailbox list index has no record with a uid validity for
-        the mailbox (new, or the list index was removed: the list index refresh opens
-        it first), else once. An IMAP ``SELECT`` of a listed mailbox opens it once.
+        definition without a header for its rules writes a new GUID). ``None``: what
+        Dovecot does - once, plus once more when something lists the virtual namespace
+        while its mailbox list index has no node for this mailbox (the list index sync
+        adding the node opens the mailbox to read its GUID, ``node_lookup_guid``).
+        ``doveadm mailbox status`` always lists (``lists=True``, the CLI's default); an
+        IMAP ``SELECT`` lists only through the definition's own wildcards.
+    :param lists: the caller lists the mailboxes before opening (doveadm does).
     """
 
     def __init__(self, storage: Any, name: str, *, directory: str | os.PathLike[str]
-                 | None = None, lock_method: str | None = None, opens: int | None = None
-                 ) -> None:
+                 | None = None, lock_method: str | None = None, opens: int | None = None,
+                 lists: bool = True) -> None:
         self.storage = storage
         self.name = name
         if directory is None:
@@ -358,6 +390,7 @@ class VirtualMailbox:
             directory = _virtual_dir(storage, name)
         self.directory = Path(directory)
         self.opens = opens
+        self.lists = lists
         config = getattr(storage, "config", None)
         self.index_options: dict[str, Any] = config.index_options() \
             if hasattr(config, "index_options") else {}
@@ -371,6 +404,9 @@ class VirtualMailbox:
         self.uids_mapped = False
         self.sync_virtual_next_uid = 0
         self.opened = False
+        self.inconsistent = False
+        self.boxes: dict[int, Any] = {}     # mailbox_id -> opened storage Mailbox
+        self._session_view: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def from_config(cls, config_path: str | os.PathLike[str], home: str | os.PathLike[str]
@@ -395,10 +431,36 @@ class VirtualMailbox:
             return
         opens = self.opens
         if opens is None:
-            opens = 1 if _listed_with_status(self.directory) else 2
+            listing = self.lists or self._wildcards_list_own_namespace()
+            opens = 2 if listing and not _list_index_has_node(self.directory) else 1
         for _ in range(max(1, opens)):
             self._open_once(dry_run)
         self.opened = True
+
+    def _wildcards_list_own_namespace(self) -> bool:
+        """Whether the wildcard expansion of the definition lists the virtual namespace
+        itself (a positive pattern that can match inside its prefix: ``*``, ``%/%``)."""
+        from dovecot_index.storage import MatchResult, imap_match
+
+        cfg = read_virtual_config(self.directory)
+        try:
+            ns = self.storage.namespace_for(self.name)
+        except DovecotIndexError:
+            return False
+        sep = ns.location.list_separator if hasattr(ns.location, "list_separator") \
+            else "/"
+        prefix = ns.prefix
+        for rule in cfg.backends:
+            if not rule.is_pattern or rule.negative_match:
+                continue
+            if prefix and (imap_match(rule.name, prefix, sep)
+                           & (MatchResult.YES | MatchResult.CHILDREN)
+                           or imap_match(rule.name, prefix.rstrip(sep), sep)
+                           & MatchResult.CHILDREN):
+                return True
+            if not prefix:
+                return True
+        return False
 
     def _open_once(self, dry_run: bool) -> None:
         self.config = read_virtual_config(self.directory)
@@ -447,11 +509,16 @@ class VirtualMailbox:
         :param drop_recent: ``MAILBOX_FLAG_DROP_RECENT`` (an IMAP ``SELECT``).
         """
         self.open(dry_run=dry_run)
-        if self.uids_mapped:
-            raise VirtualSyncError(str(self.directory), "a second sync in one process "
-                                   "(Dovecot's long-lived session path) is not "
-                                   "implemented: open a new VirtualMailbox")
+        if self.inconsistent:
+            raise VirtualSyncError(str(self.directory), "IMAP session state is "
+                                   "inconsistent, please relogin.")
+        first = not self.uids_mapped
+        # the first sync of a process is an open sync (FIX_INCONSISTENT)
+        expunge_removed = expunge or first
         if dry_run:
+            if not first:
+                raise VirtualSyncError(str(self.directory), "a dry run is only possible "
+                                       "for the first sync of a VirtualMailbox")
             # no lock, no files created: the replayed state and a transaction that is
             # never committed
             view = self._current_view()
@@ -461,17 +528,59 @@ class VirtualMailbox:
         ctx = self.index.sync(drop_recent=drop_recent)
         try:
             report = _Sync(self, ctx, ctx.view, ctx.requests(), ctx.transaction,
-                           expunge_removed=True, dry_run=False).run()
+                           expunge_removed=expunge_removed, dry_run=False).run()
         except BaseException:
             ctx.rollback()
             raise
+        self._view_sync(report_expunges=not first)
         return report
 
+    def select(self) -> SyncReport:
+        """What an IMAP ``SELECT`` does: open (once), the open-time sync with
+        ``DROP_RECENT``, then a lib-storage transaction commit on the mailbox, whose
+        ``index_pop3_uidl_update_exists_finish`` records ``hdr-pop3-uidl`` (max uid 0)
+        in a virtual index that has no messages and no such header yet."""
+        report = self.sync(drop_recent=True)
+        view = MailboxView(self.directory)
+        ext = view.index.ext("hdr-pop3-uidl")
+        if view.index.messages_count == 0 and (ext is None or ext.hdr_size < 4):
+            t = self.index.transaction(external=False)
+            t.ext_register("hdr-pop3-uidl", 4, 0, 0)
+            t.update_ext_header("hdr-pop3-uidl", 0, bytes(4))
+            t.commit(write_index=False, rotate=False)
+        return report
 
-def _listed_with_status(directory: Path) -> bool:
+    def _view_sync(self, *, report_expunges: bool) -> None:
+        """S10 + S12 (``index_mailbox_sync_init``, ``virtual_sync_apply_existing_expunges``):
+        the session's view moves to the index head; the virtual messages it loses
+        (expunged by this sync or by others) are noted per backend as outside expunges
+        (an open sync, FIX_INCONSISTENT, reports none)."""
+        view = MailboxView(self.directory)
+        recs = view.index.records
+        uids = np.asarray(recs["uid"], U32)
+        if VIRTUAL_EXT in (recs.dtype.names or ()):
+            mids = np.asarray(recs[VIRTUAL_EXT]["mailbox_id"], U32)
+            reals = np.asarray(recs[VIRTUAL_EXT]["real_uid"], U32)
+        else:
+            mids = reals = np.zeros(len(uids), U32)
+        old = self._session_view
+        if report_expunges and old is not None:
+            ouids, omids, oreals = old
+            gone = ~np.isin(ouids, uids)
+            by_id = {bk.mailbox_id: bk for bk in self.backends}
+            for mid, real in zip(omids[gone].tolist(), oreals[gone].tolist(), strict=True):
+                bk = by_id.get(mid)
+                if bk is None:
+                    continue        # 2.3.21 skips it (2.3.19.1 crashes here)
+                bk.sync_outside_expunges = np.union1d(bk.sync_outside_expunges,
+                                                      [real]).astype(U32)
+        self._session_view = (uids, mids, reals)
+
+
+def _list_index_has_node(directory: Path) -> bool:
     """Whether the mailbox list index of the virtual namespace (``dovecot.list.index``
-    in the namespace root, found by walking up from ``directory``) has a record for
-    ``directory`` with a non-zero uid validity."""
+    in the namespace root, found by walking up from ``directory``) has a node for
+    ``directory``."""
     root = directory.parent
     while not (root / "dovecot.list.index.log").exists() and \
             not (root / "dovecot.list.index").exists():
@@ -505,13 +614,13 @@ def _listed_with_status(directory: Path) -> bool:
         key = (int.from_bytes(raw[4:8], "little"),
                names.get(int.from_bytes(raw[0:4], "little"), b""))
         nodes[key] = (int(uid), int.from_bytes(raw[24:28], "little"))
-    parent, uidv = 0, 0
+    parent = 0
     for part in parts:
         found = nodes.get((parent, os.fsencode(part)))
         if found is None:
             return False
-        parent, uidv = found
-    return uidv != 0
+        parent = found[0]
+    return True
 
 
 def _check_storage_synced(bk: BackendBox, box: Any, view: MailboxView) -> None:
@@ -584,6 +693,34 @@ def _maildir_files_differ(box: Any, ul: Any, view: MailboxView) -> str | None:
     return None
 
 
+def _positions(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``needles`` in the sorted ``haystack`` and which are there."""
+    pos = np.searchsorted(haystack, needles)
+    ok = pos < len(haystack)
+    ok[ok] = haystack[pos[ok]] == needles[ok]
+    return pos, ok
+
+
+def _rule_has_flag_keys(search: str) -> bool:
+    """Whether a rule looks at flags, keywords or modseqs (then the backend view's flag
+    changes re-evaluate it: ``mail_search_args_have_flags``-like)."""
+    from dovecot_index.search import Flag, Keyword, Modseq, parse
+
+    def walk(node: Any) -> bool:
+        if isinstance(node, Flag | Keyword | Modseq):
+            return True
+        for attr in ("children", "child"):
+            sub = getattr(node, attr, None)
+            if sub is None:
+                continue
+            for c in (sub if isinstance(sub, tuple) else (sub,)):
+                if walk(c):
+                    return True
+        return False
+
+    return walk(parse(search.strip() or "ALL"))
+
+
 # ====================================================================== one sync
 
 
@@ -613,7 +750,7 @@ class _Sync:
             self.v_real = np.zeros(len(recs), U32)
         self.data: dict[int, _Backend | None] = {}
         self.pushes: dict[int, Any] = {}          # S3: backend "sync mail" transactions
-        self.opened: dict[int, Any] = {}          # backends opened by S3 (storage Mailbox)
+        self.opened: dict[int, Any] = vbox.boxes  # backends whose index is open
         self.expunges: list[np.ndarray] = []
         # flag and keyword copies in Dovecot's call order: (vuids, flags, names) for
         # existing messages; appended ones are handled in add_new
@@ -720,11 +857,17 @@ class _Sync:
 
     # -------------------------------------------------------------------- run ---
     def run(self) -> SyncReport:
-        ret, broken = ext_header_read(self.state, self.vbox.backends, self.view,
-                                      self.vbox.problems)                       # S2
+        try:
+            ret, broken = ext_header_read(self.state, self.vbox.backends, self.view,
+                                          self.vbox.problems)                   # S2
+        except VirtualSyncError:
+            self.vbox.inconsistent = True
+            raise
         self.report.problems += [f"{p.level}: {p.logged(str(self.vbox.directory))}"
                                  for p in self.vbox.problems]
         self.push_changes()                                                     # S3
+        if self.vbox.uids_mapped:                                               # S4a
+            self.apply_existing_appends()
         for bk in self.vbox.backends:                                          # S5
             self.backend_box(bk)
         if not self.vbox.uids_mapped:                                           # S6
@@ -753,11 +896,18 @@ class _Sync:
 
     # ---------------------------------------------------------------------- S5 ---
     def backend_box(self, bk: BackendBox) -> None:
-        """``virtual_sync_backend_box`` for a backend without a search result (a fresh
-        process): the quick check, then a full or an incremental search."""
+        """``virtual_sync_backend_box``: without a search result (the first sync of the
+        process, or a backend found unchanged so far) the quick check, then a full or an
+        incremental search; with one, the backend's own sync and its changes."""
         if bk.deleted:
             return
-        if bk.mailbox_id in self.opened:         # A1: opened by S3: sync it first
+        if bk.search_result is not None:                     # path C
+            data = self.backend_box_sync(bk)
+            if data is not None:
+                self.mailbox_box_update(bk)
+                self.backend_ext_header(bk, data)
+            return
+        if bk.mailbox_id in self.opened:         # A1: already open: sync it first
             self.backend_storage_sync(bk)
         data = self.backend(bk)
         if data is None:
@@ -785,7 +935,121 @@ class _Sync:
         else:
             bk.path = "incremental"
             self.backend_box_continue(bk, data)
+        bk.seen = _Seen.of(data)
         self.backend_ext_header(bk, data)
+
+    def backend_box_sync(self, bk: BackendBox) -> _Backend | None:
+        """``virtual_sync_backend_box_sync``: the backend's sync and the changes it
+        reports against this process's last view of it - flag changes copied to their
+        virtual messages, expunges noted (kept only when removals are delayed) - and
+        the search result brought up to date (``index_sync_search_results_update``);
+        ``None`` if the backend is gone (deleted handling done)."""
+        bk.path = "session"
+        self.backend_storage_sync(bk)
+        data = self.backend(bk)
+        self.sync_expunges = np.zeros(0, U32)
+        if data is None:
+            self.backend_box_deleted(bk)
+            return None
+        seen = bk.seen
+        assert seen is not None and bk.search_result is not None
+        expunged = np.setdiff1d(seen.uids, data.uids).astype(U32)
+        pos_old, in_old = _positions(seen.uids, data.uids)
+        both = np.flatnonzero(in_old)            # current positions of old messages
+        if seen.modseqs is not None and "modseq" in (data.view.index.records.dtype.names
+                                                     or ()):
+            changed_mask = data.modseqs()[both] > seen.highest_modseq
+        else:
+            old_pos = pos_old[both]
+            changed_mask = (data.flags[both] != seen.flags[old_pos]) | np.array(
+                [frozenset(n.lower() for n in data.keywords_at(int(i)))
+                 != seen.keywords[int(j)] for i, j in zip(both, old_pos, strict=True)],
+                dtype=bool).reshape(-1)
+        changed = data.uids[both[changed_mask]]
+        new_pos = np.flatnonzero(~in_old & (data.uids >= seen.next_uid))
+        # flag records: copy flags of mapped messages (ascending real uid)
+        self.mailbox_box_update_flags(bk, changed)
+        if not self.expunge_removed and len(expunged):
+            self.sync_expunges = bk.uid_real[np.isin(bk.uid_real, expunged)]
+        # the search result follows the backend view
+        result = bk.search_result
+        removed = result[np.isin(result, expunged)]
+        result = np.setdiff1d(result, expunged)
+        added = np.zeros(0, U32)
+        mask = None
+        if len(changed) and _rule_has_flag_keys(bk.rule.search):
+            mask = self.search_mask(bk, data)
+            cpos, _ = data.seqs_of(changed)
+            match = mask[cpos]
+            in_result = np.isin(changed, result)
+            added = changed[match & ~in_result]
+            gone = changed[~match & in_result]
+            removed = np.union1d(removed, gone)
+            result = np.setdiff1d(result, gone)
+        if len(new_pos):
+            mask = self.search_mask(bk, data) if mask is None else mask
+            new = data.uids[new_pos][mask[new_pos]]
+            added = np.union1d(added, new[~np.isin(new, result)])
+        bk.search_result = np.union1d(result, added).astype(U32)
+        self._queued = (np.asarray(removed, U32), np.asarray(added, U32))
+        bk.seen = _Seen.of(data)
+        return data
+
+    def mailbox_box_update(self, bk: BackendBox) -> None:
+        """``virtual_sync_mailbox_box_update``: what the search result reported, with
+        the outside expunges, existing adds and nonexistent removes dropped, delayed
+        removals and messages that match again."""
+        removed, added = self._queued
+        if len(bk.sync_outside_expunges):
+            outside = np.setdiff1d(bk.sync_outside_expunges, added)
+            removed = np.union1d(removed, outside).astype(U32)
+            bk.sync_outside_expunges = np.zeros(0, U32)
+        added = added[~np.isin(added, bk.uid_real)]               # drop_existing
+        removed = removed[np.isin(removed, bk.uid_real)]          # drop_nonexistent
+        pending = bk.sync_pending_removes
+        if len(pending) and len(added):
+            back = np.isin(pending, added)
+            if back.any():
+                bk.sync_pending_removes = pending[~back]
+                added = added[~np.isin(added, pending)]
+        if not self.expunge_removed:
+            if len(self.sync_expunges):
+                bk.sync_pending_removes = np.setdiff1d(bk.sync_pending_removes,
+                                                       self.sync_expunges).astype(U32)
+                removed = np.setdiff1d(removed, self.sync_expunges).astype(U32)
+                self.mailbox_box_remove(bk, self.sync_expunges)
+            bk.sync_pending_removes = np.union1d(bk.sync_pending_removes,
+                                                 removed).astype(U32)
+        elif len(bk.sync_pending_removes):
+            everything = np.union1d(bk.sync_pending_removes, removed).astype(U32)
+            self.mailbox_box_remove(bk, everything)
+            bk.sync_pending_removes = np.zeros(0, U32)
+        else:
+            self.mailbox_box_remove(bk, removed)
+        self.mailbox_box_add(bk, added)
+
+    def apply_existing_appends(self) -> None:
+        """``virtual_sync_apply_existing_appends``: virtual messages another process
+        appended since this process's last sync join the uid maps (unknown mailbox ids
+        are expunged)."""
+        start = self.vbox.sync_virtual_next_uid
+        if start >= int(self.view.index.header.next_uid):
+            return
+        sel = self.vuids >= start
+        by_id = {bk.mailbox_id: bk for bk in self.vbox.backends}
+        touched: set[int] = set()
+        for vuid, mid, real in zip(self.vuids[sel].tolist(), self.v_mailbox[sel].tolist(),
+                                   self.v_real[sel].tolist(), strict=True):
+            bk = by_id.get(mid)
+            if bk is None:
+                self.expunge(np.array([vuid], U32))
+                continue
+            bk.uid_real = np.append(bk.uid_real, U32(real))
+            bk.uid_virtual = np.append(bk.uid_virtual, U32(vuid))
+            touched.add(mid)
+        for mid in touched:
+            bk = by_id[mid]
+            bk.set_uid_map(bk.uid_real, bk.uid_virtual)
 
     @staticmethod
     def mailbox_equals(bk: BackendBox, data: _Backend) -> bool:
@@ -853,8 +1117,9 @@ class _Sync:
             self.mailbox_box_remove(bk, expunged)
         if self.expunge_removed:
             self.mailbox_box_remove(bk, removed)
-        else:  # pragma: no cover - long-lived path
-            raise VirtualSyncError(str(self.vbox.directory), "delayed removal")
+        else:                                   # delayed remove
+            bk.sync_pending_removes = np.union1d(bk.sync_pending_removes,
+                                                 removed).astype(U32)
         self.mailbox_box_add(bk, added)
         bk.search_result = np.setdiff1d(np.union1d(result, added), removed).astype(U32)
         self.mailbox_box_update_flags(bk, flag_update)
@@ -878,7 +1143,7 @@ class _Sync:
         real = np.concatenate([bk.uid_real, np.asarray(real_uids, U32)])
         virt = np.concatenate([bk.uid_virtual, np.zeros(len(real_uids), U32)])
         bk.set_uid_map(real, virt)
-        if self.vbox.uids_mapped:  # pragma: no cover - long-lived path
+        if self.vbox.uids_mapped:
             self.all_adds.append((bk.mailbox_id, np.sort(np.asarray(real_uids, U32))))
 
     def mailbox_box_update_flags(self, bk: BackendBox, real_uids: np.ndarray) -> None:
@@ -898,7 +1163,7 @@ class _Sync:
     def backend_ext_header(self, bk: BackendBox, data: _Backend) -> None:
         """``virtual_sync_backend_ext_header``: the backend's entry in the header (as
         two header updates, or left to the full rewrite)."""
-        wanted_ondisk = data.highest_modseq
+        wanted_ondisk = 0 if len(bk.sync_pending_removes) else data.highest_modseq
         if self.mailbox_equals(bk, data) and bk.ondisk_highest_modseq == wanted_ondisk:
             return
         bk.sync_uid_validity = data.uid_validity
