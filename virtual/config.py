@@ -255,12 +255,38 @@ def listing_order(storage: object) -> list[str]:
             parent = int.from_bytes(cell[4:8], "little")
             # a new node goes to the front of its parent's children
             children.setdefault(parent, []).insert(0, (uid, id_name.get(name_id, "")))
+        _add_unindexed(children, ns, loc.list_separator,
+                       max(recs["uid"].tolist(), default=0))
         tree_names, tree_inbox = _walk_list_tree(children, ns, loc.list_separator)
         names += tree_names
         inbox = inbox or tree_inbox
     if inbox:
         names.append("INBOX")
     return names
+
+
+def _add_unindexed(children: dict[int, list[tuple[int, str]]], ns: object, sep: str,
+                   highest_uid: int) -> None:
+    """The list index refresh before a listing (``mailbox_list_index_sync``): mailboxes
+    that exist but have no node yet (created or renamed since the list index was
+    written) get new nodes, each at the front of its parent's children
+    (``mailbox_list_index_node_add``); taken in name order."""
+    try:
+        listed = ns.list("*")  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - an unlistable namespace keeps its index order
+        return
+    next_uid = highest_uid + 1
+    for info in sorted(listed, key=lambda i: i.name):
+        storage_name = ns.storage_name(info.name)  # type: ignore[attr-defined]
+        parent = 0
+        for part in storage_name.split(sep):
+            kids = children.setdefault(parent, [])
+            found = next((uid for uid, name in kids if name == part), None)
+            if found is None:
+                found = next_uid
+                next_uid += 1
+                kids.insert(0, (found, part))
+            parent = found
 
 
 def _walk_list_tree(children: dict[int, list[tuple[int, str]]], ns: object, sep: str
