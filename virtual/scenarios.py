@@ -297,6 +297,7 @@ class DovecotSessionEngine(SyncEngine):
     def __init__(self) -> None:
         self.session: ImapSession | None = None
         self.notes: list[str] = []
+        self.relogins = 0
         self._seen = 0
 
     def start(self, store: Store) -> None:
@@ -331,6 +332,7 @@ class DovecotSessionEngine(SyncEngine):
         self.notes.append("session failed and logged in again: " + " | ".join(
             re.sub(r"^\S+: ", "", line.strip()) for p in problems
             for line in p.splitlines() if line.strip()))
+        self.relogins += 1
         self.start(store)
 
     def _problems(self) -> list[str]:
@@ -372,19 +374,30 @@ class OurSessionEngine(SyncEngine):
 
     def __init__(self) -> None:
         self.vbox: object | None = None
+        self.notes: list[str] = []
+        self.relogins = 0
 
     def start(self, store: Store) -> None:
         from .sync import VirtualMailbox
 
         self.vbox = VirtualMailbox.from_config(store.dc.config_path, store.dc.home,
                                                store.vname, user=store.dc.user,
-                                               lists=False)
+                                               lists=False, crash_like="2.3.19.1")
         self.vbox.select()  # type: ignore[attr-defined]
 
     def sync(self, store: Store) -> None:
+        from .sync import SessionCrash
+
         if self.vbox is None:
             raise DovecotError("ours-session: sync before start")
-        self.vbox.sync(drop_recent=True)  # type: ignore[attr-defined]
+        try:
+            self.vbox.sync(drop_recent=True)  # type: ignore[attr-defined]
+        except SessionCrash as exc:
+            # where Dovecot's session dies, its engine logs in again: so do we
+            self.notes.append(f"session crashed like 2.3.19.1 and logged in again: "
+                              f"{exc.reason}")
+            self.relogins += 1
+            self.start(store)
 
     def close(self) -> None:
         self.vbox = None
@@ -1698,6 +1711,7 @@ class _ScenarioRun:
         captures: list[Capture] = []
         diffs: list[Difference] = []
         start = self.mode == "snapshot" or number == 0 or self.restart
+        relogins = [getattr(e, "relogins", 0) for e in self.engines]
         for engine, store in zip(self.engines, copies, strict=True):
             t0 = time.time()
             try:
@@ -1716,6 +1730,30 @@ class _ScenarioRun:
             self.result.notes += [f"round {number} {cap.label}: {note}"
                                   for note in notes[self.notes_seen[store.label]:]]
             self.notes_seen[store.label] = len(notes)
+        if not diffs:
+            # a session that died and logged in again (Dovecot's crashes) against one
+            # that went on: the other logs in again too, so both end on a fresh SELECT
+            relogged = [getattr(e, "relogins", 0) != r
+                        for e, r in zip(self.engines, relogins, strict=True)]
+            if any(relogged) and not all(relogged):
+                captures = []
+                for engine, store, did in zip(self.engines, copies, relogged, strict=True):
+                    t0 = time.time()
+                    if not did:
+                        try:
+                            engine.start(store)
+                        except Exception as exc:
+                            diffs.append(Difference(
+                                "engine error", f"{engine.name} failed to log in again "
+                                f"on {store.label}",
+                                "".join(traceback.format_exception_only(exc))))
+                            continue
+                        self.result.notes.append(
+                            f"round {number} {store.label} ({engine.name}): logged in "
+                            "again because the other session did")
+                    cap = capture(store, (t0, time.time()))
+                    cap.label = f"{store.label} ({engine.name})"
+                    captures.append(cap)
         if diffs:
             return lines, diffs
         self.last = list(captures)

@@ -64,7 +64,7 @@ from .header import (
     VirtualMailbox as HeaderMailbox,
 )
 
-__all__ = ["BackendBox", "SyncReport", "VirtualMailbox", "VirtualSyncError",
+__all__ = ["BackendBox", "SessionCrash", "SyncReport", "VirtualMailbox", "VirtualSyncError",
            "ext_header_read"]
 
 VIRTUAL_RECORD_SIZE = 8
@@ -78,6 +78,12 @@ U32 = np.uint32
 
 class VirtualSyncError(DovecotIndexError):
     """The sync cannot run or would not give Dovecot's result; nothing was written."""
+
+
+class SessionCrash(VirtualSyncError):
+    """Where Dovecot 2.3.19.1's session process crashes (S12 meets an expunged virtual
+    message of a mailbox id it has no backend for); the virtual index is committed.
+    Raised only with ``VirtualMailbox(crash_like="2.3.19.1")``."""
 
 
 # ============================================================================ state
@@ -378,11 +384,13 @@ class VirtualMailbox:
         ``doveadm mailbox status`` always lists (``lists=True``, the CLI's default); an
         IMAP ``SELECT`` lists only through the definition's own wildcards.
     :param lists: the caller lists the mailboxes before opening (doveadm does).
+    :param crash_like: ``"2.3.19.1"``: raise :class:`SessionCrash` where that version's
+        session crashes (S12, an unknown mailbox id); default: skip it as 2.3.21 does.
     """
 
     def __init__(self, storage: Any, name: str, *, directory: str | os.PathLike[str]
                  | None = None, lock_method: str | None = None, opens: int | None = None,
-                 lists: bool = True) -> None:
+                 lists: bool = True, crash_like: str | None = None) -> None:
         self.storage = storage
         self.name = name
         if directory is None:
@@ -391,6 +399,7 @@ class VirtualMailbox:
         self.directory = Path(directory)
         self.opens = opens
         self.lists = lists
+        self.crash_like = crash_like
         config = getattr(storage, "config", None)
         self.index_options: dict[str, Any] = config.index_options() \
             if hasattr(config, "index_options") else {}
@@ -439,7 +448,8 @@ class VirtualMailbox:
 
     def _wildcards_list_own_namespace(self) -> bool:
         """Whether the wildcard expansion of the definition lists the virtual namespace
-        itself (a positive pattern that can match inside its prefix: ``*``, ``%/%``)."""
+        itself (a positive pattern matching its prefix or what may be below it: ``*``,
+        ``%``, ``%/%``)."""
         from dovecot_index.storage import MatchResult, imap_match
 
         cfg = read_virtual_config(self.directory)
@@ -453,10 +463,9 @@ class VirtualMailbox:
         for rule in cfg.backends:
             if not rule.is_pattern or rule.negative_match:
                 continue
-            if prefix and (imap_match(rule.name, prefix, sep)
-                           & (MatchResult.YES | MatchResult.CHILDREN)
-                           or imap_match(rule.name, prefix.rstrip(sep), sep)
-                           & MatchResult.CHILDREN):
+            wanted = MatchResult.YES | MatchResult.CHILDREN
+            if prefix and (imap_match(rule.name, prefix, sep) & wanted
+                           or imap_match(rule.name, prefix.rstrip(sep), sep) & wanted):
                 return True
             if not prefix:
                 return True
@@ -571,7 +580,12 @@ class VirtualMailbox:
             for mid, real in zip(omids[gone].tolist(), oreals[gone].tolist(), strict=True):
                 bk = by_id.get(mid)
                 if bk is None:
-                    continue        # 2.3.21 skips it (2.3.19.1 crashes here)
+                    if self.crash_like == "2.3.19.1":
+                        self._session_view = None
+                        raise SessionCrash(str(self.directory), "an expunged virtual "
+                                           f"message of unknown mailbox id {mid}: "
+                                           "Dovecot 2.3.19.1's session crashes here")
+                    continue        # 2.3.21 skips it
                 bk.sync_outside_expunges = np.union1d(bk.sync_outside_expunges,
                                                       [real]).astype(U32)
         self._session_view = (uids, mids, reals)
@@ -812,8 +826,9 @@ class _Sync:
         if box is None:
             data = self.data.get(bk.mailbox_id)
             box = data.box if data is not None else None
-        if box is None:
-            return
+        if box is None or not box.exists():
+            self.data.pop(bk.mailbox_id, None)
+            return                               # gone: the next read reports it
         storage_sync(box, self.vbox.index_options)
         box.close()
         self.data.pop(bk.mailbox_id, None)
