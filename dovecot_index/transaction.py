@@ -1484,7 +1484,9 @@ class SyncContext:
                 truncated = 0
                 modseq = modseq_before
             # --- the map after the commit, rotation, index rewrite --------------
-            map_tail = max(int(h.log_file_tail_offset), max_tail)
+            # the map's tail moves only by a tail record (replayed into the map); the
+            # sync position alone (max_tail_offset) does not make the index stale
+            map_tail = tail_value if tail_value else int(h.log_file_tail_offset)
             rotate_reason = None
             if rotate or (rotate is None and fully_synced):
                 rotate_reason = "forced" if rotate else want_rotate(

@@ -386,7 +386,7 @@ class OurSessionEngine(SyncEngine):
         self.vbox.select()  # type: ignore[attr-defined]
 
     def sync(self, store: Store) -> None:
-        from .sync import SessionCrash
+        from .sync import SessionCrash, VirtualSyncError
 
         if self.vbox is None:
             raise DovecotError("ours-session: sync before start")
@@ -396,6 +396,13 @@ class OurSessionEngine(SyncEngine):
             # where Dovecot's session dies, its engine logs in again: so do we
             self.notes.append(f"session crashed like 2.3.19.1 and logged in again: "
                               f"{exc.reason}")
+            self.relogins += 1
+            self.start(store)
+        except VirtualSyncError as exc:
+            if not self.vbox.inconsistent:  # type: ignore[attr-defined]
+                raise
+            # IMAP disconnects an inconsistent session; the client logs in again
+            self.notes.append(f"session inconsistent, logged in again: {exc.reason}")
             self.relogins += 1
             self.start(store)
 
