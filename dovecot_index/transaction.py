@@ -189,6 +189,11 @@ class _ExtChanges:
     hdr_mask: bytearray = field(default_factory=bytearray)
     rec: dict[int, bytes] = field(default_factory=dict)
     inc: dict[int, int] = field(default_factory=dict)
+    #: record updates given as arrays (uids, n x size bytes), in call order; a later
+    #: update of a uid (batch or single) wins
+    rec_batches: list[tuple[np.ndarray, np.ndarray, int]] = field(default_factory=list)
+    rec_calls: int = 0
+    rec_seq: dict[int, int] = field(default_factory=dict)   # uid -> call number
 
     def clear(self) -> None:
         """``mail_index_ext_reset_changes``."""
@@ -198,6 +203,8 @@ class _ExtChanges:
         self.hdr_mask = bytearray()
         self.rec.clear()
         self.inc.clear()
+        self.rec_batches.clear()
+        self.rec_seq.clear()
 
 
 def _uids(values: Iterable[int] | np.ndarray | int) -> np.ndarray:
@@ -846,7 +853,27 @@ class Transaction:
         self._check_open()
         if not 0 < uid < 0xFFFFFFFF:
             raise ValueError(f"invalid uid {uid}")
-        self._ext_changes(name).rec[int(uid)] = bytes(data)
+        ch = self._ext_changes(name)
+        ch.rec_calls += 1
+        ch.rec[int(uid)] = bytes(data)
+        ch.rec_seq[int(uid)] = ch.rec_calls
+
+    def update_ext_records(self, name: str, uids: Iterable[int] | np.ndarray,
+                           data: np.ndarray) -> None:
+        """:meth:`update_ext_record` for many messages at once: ``data`` is an
+        ``(n, size)`` uint8 array (or a structured array of ``n`` records)."""
+        self._check_open()
+        u = np.asarray(uids, dtype=np.int64).reshape(-1)
+        if len(u) and (u.min() <= 0 or u.max() >= 0xFFFFFFFF):
+            raise ValueError("invalid uid")
+        raw = np.ascontiguousarray(data)
+        if raw.dtype != np.uint8:
+            raw = raw.view(np.uint8).reshape(len(u), -1)
+        if raw.ndim != 2 or raw.shape[0] != len(u):
+            raise ValueError("one data row per uid")
+        ch = self._ext_changes(name)
+        ch.rec_calls += 1
+        ch.rec_batches.append((u.astype(np.uint32), raw, ch.rec_calls))
 
     def atomic_inc(self, name: str, uid: int, diff: int) -> None:
         """``mail_index_atomic_inc_ext``: add ``diff`` to the extension's integer record
@@ -1032,8 +1059,11 @@ class Transaction:
                             _masked_items(self._pre_hdr, self._pre_mask, False)))
         # --- appends ----------------------------------------------------------
         if appended:
-            records.append((RecordKind.APPEND, b"".join(
-                struct.pack("<IB3x", uid, append_flags[uid]) for uid in appended)))
+            items = np.zeros(len(appended), np.dtype([("uid", "<u4"), ("flags", "u1"),
+                                                      ("pad", "u1", (3,))]))
+            items["uid"] = appended
+            items["flags"] = [append_flags[uid] for uid in appended]
+            records.append((RecordKind.APPEND, items.tobytes()))
         # --- flag updates -----------------------------------------------------
         if len(fu_uids):
             records.append((RecordKind.FLAG_UPDATE, _flag_items(fu_uids, fu_add, fu_rem)))
@@ -1043,24 +1073,19 @@ class Transaction:
                            ("inc", RecordKind.EXT_ATOMIC_INC)):
             for name in ext_order:
                 ch = self._ext[name]
-                items: dict[int, Any] = getattr(ch, attr)
-                uids = sorted(uid for uid in items if np.isin(uid, valid))
-                if not uids:
-                    continue
-                intro = self._intro(index, name, ch.reset_id)
-                rsize = struct.unpack_from("<IIIH", intro)[3]
                 if attr == "rec":
-                    if rsize == 0:
-                        raise IndexWriteError(None, f"extension {name} has no records")
-                    parts = []
-                    for uid in uids:
-                        data = items[uid]
-                        if len(data) > rsize:
-                            raise ValueError(f"{name} record data longer than "
-                                             f"{rsize} bytes")
-                        parts.append(_pad4(_U32.pack(uid) + data.ljust(rsize, b"\0")))
-                    payload = b"".join(parts)
+                    if not ch.rec and not ch.rec_batches:
+                        continue
+                    payload = self._rec_payload(index, name, ch, valid)
+                    if payload is None:
+                        continue
+                    intro, payload = payload
                 else:
+                    items: dict[int, Any] = ch.inc
+                    uids = sorted(uid for uid in items if np.isin(uid, valid))
+                    if not uids:
+                        continue
+                    intro = self._intro(index, name, ch.reset_id)
                     payload = b"".join(struct.pack("<Ii", uid, items[uid]) for uid in uids)
                 records.append((RecordKind.EXT_INTRO, intro))
                 records.append((kind, payload))
@@ -1083,7 +1108,8 @@ class Transaction:
             records.append((RecordKind.MODSEQ_UPDATE, b"".join(
                 struct.pack("<III", uid, m & 0xFFFFFFFF, m >> 32) for uid, m in mods)))
         # --- expunges ---------------------------------------------------------
-        exp = [uid for uid in sorted(self._expunges) if np.isin(uid, existing)]
+        exp_all = np.fromiter(sorted(self._expunges), np.int64, len(self._expunges))
+        exp = exp_all[np.isin(exp_all, existing)].tolist()
         if any(uid in append_flags for uid in self._expunges):
             raise ValueError("cannot expunge a message appended in the same transaction")
         if exp:
@@ -1097,6 +1123,57 @@ class Transaction:
             records.append((RecordKind.HEADER_UPDATE,
                             _masked_items(post_hdr, post_mask, False)))
         return records, appended
+
+    def _rec_payload(self, index: IndexFile, name: str, ch: _ExtChanges,
+                     valid: np.ndarray) -> tuple[bytes, bytes] | None:
+        """The intro and EXT_REC_UPDATE payload of one extension's record updates:
+        ``{uid, data padded to record_size}`` items (each padded to 4), uids
+        ascending, only messages that exist or are appended; the last update of a uid
+        wins."""
+        parts_u: list[np.ndarray] = []
+        parts_d: list[np.ndarray] = []
+        parts_o: list[np.ndarray] = []
+        width = max([b.shape[1] for _, b, _ in ch.rec_batches]
+                    + [len(v) for v in ch.rec.values()] + [0])
+        for u, raw, order in ch.rec_batches:
+            d = np.zeros((len(u), width), np.uint8)
+            d[:, :raw.shape[1]] = raw
+            parts_u.append(u)
+            parts_d.append(d)
+            parts_o.append(np.full(len(u), order, np.int64))
+        if ch.rec:
+            u = np.fromiter(ch.rec.keys(), np.uint32, len(ch.rec))
+            d = np.zeros((len(u), width), np.uint8)
+            for i, v in enumerate(ch.rec.values()):
+                d[i, :len(v)] = np.frombuffer(v, np.uint8)
+            parts_u.append(u)
+            parts_d.append(d)
+            parts_o.append(np.fromiter(ch.rec_seq.values(), np.int64, len(ch.rec_seq)))
+        uids = np.concatenate(parts_u)
+        data = np.concatenate(parts_d)
+        order = np.concatenate(parts_o)
+        # last update per uid: sort by (uid, call order, position) and keep the last
+        pos = np.arange(len(uids))
+        idx = np.lexsort((pos, order, uids))
+        uids, data = uids[idx], data[idx]
+        last = np.r_[uids[1:] != uids[:-1], True] if len(uids) else np.zeros(0, bool)
+        uids, data = uids[last], data[last]
+        keep = np.isin(uids, valid)
+        uids, data = uids[keep], data[keep]
+        if not len(uids):
+            return None
+        intro = self._intro(index, name, ch.reset_id)
+        rsize = struct.unpack_from("<IIIH", intro)[3]
+        if rsize == 0:
+            raise IndexWriteError(None, f"extension {name} has no records")
+        if width > rsize and data[:, rsize:].any():
+            raise ValueError(f"{name} record data longer than {rsize} bytes")
+        item = (4 + rsize + 3) & ~3
+        out = np.zeros((len(uids), item), np.uint8)
+        out[:, :4] = uids.astype("<u4").view(np.uint8).reshape(-1, 4)
+        n = min(width, rsize)
+        out[:, 4:4 + n] = data[:, :n]
+        return intro, out.tobytes()
 
     def _ordered_exts(self, index: IndexFile) -> list[str]:
         """Extensions in registration order: the map's own (its order is the order a
@@ -1649,7 +1726,8 @@ class _ChangeSet:
 
 
 def _ext_has_changes(ch: _ExtChanges) -> bool:
-    return bool(ch.resize or ch.reset or any(ch.hdr_mask) or ch.rec or ch.inc)
+    return bool(ch.resize or ch.reset or any(ch.hdr_mask) or ch.rec or ch.inc
+                or ch.rec_batches)
 
 
 def _flag_items(uids: np.ndarray, add: np.ndarray, rem: np.ndarray) -> bytes:

@@ -21,7 +21,7 @@ from dovecot_index.cli import main as cli_main
 from dovecot_index.transaction import MailboxIndex
 from dovecot_index.view import MailboxView
 from virtual.scenarios import Store, format_failure, run_scenario, snapshot
-from virtual.sync import VirtualMailbox, VirtualSyncError
+from virtual.sync import VirtualMailbox
 
 # Fixed seeds (both storages, 5 rounds each) that need neither of the two refused
 # situations (pending virtual requests to push, a Maildir backend Dovecot would
@@ -92,10 +92,11 @@ def test_first_sync_then_dovecot_sees_it(live_dovecot_factory) -> None:  # type:
     flags = [" ".join(x for x in f.split() if x != "\\Recent") for _, f, _ in ours]
     assert flags == ["\\Seen", "", "$Important", "", "\\Flagged work"]
 
-    # a second sync of the same object would be Dovecot's long-lived path: refused
-    with pytest.raises(VirtualSyncError, match="second sync"):
-        vbox.sync()
-    # a fresh one has nothing to do and writes nothing
+    # a second sync of the same object (the long-lived path) finds nothing to do
+    report = vbox.sync()
+    assert not report.changed and not report.written
+    assert tree_digest(vdir) == before
+    # nor does a fresh one
     report = VirtualMailbox.from_config(dc.config_path, dc.home, "Virtual/all",
                                         user="test").sync()
     assert not report.changed and not report.written
@@ -162,9 +163,10 @@ def test_pending_virtual_requests_are_pushed(live_dovecot_factory, capsys) -> No
     assert "pushed" in rows[0][1] and "\\Flagged" in rows[0][1]
 
 
-def test_pending_requests_for_maildir_are_refused(live_dovecot_factory, capsys) -> None:  # type: ignore[no-untyped-def]
-    """Pushing to a Maildir backend means renaming its files: not reproduced, so the
-    sync refuses and writes nothing."""
+def test_pending_requests_pushed_to_maildir(live_dovecot_factory) -> None:  # type: ignore[no-untyped-def]
+    """A Maildir backend gets the pushed flag change as a request that its own sync
+    (``dovecot_index.storage.maildir_sync``) renames into the file name; Dovecot then
+    finds nothing to change."""
     from dovecot_index.live import Message
 
     dc = live_dovecot_factory(backend="maildir")
@@ -173,11 +175,16 @@ def test_pending_requests_for_maildir_are_refused(live_dovecot_factory, capsys) 
     dc.status("Virtual/all", ["messages"])
     vdir = dc.mailbox_dir("Virtual/all")
     t = MailboxIndex(vdir).transaction()
-    t.update_flags([1], add=0x04)
+    t.update_flags([1], add=0x02)              # \\Flagged
     t.commit(write_index=False, rotate=False)
-    before = tree_digest(dc.home)
-    rc = cli_main(["vsync", "--config", str(dc.config_path), "--home", str(dc.home),
-                   "--user", "test", "Virtual/all"])
-    err = capsys.readouterr().err
-    assert rc != 0 and "Maildir backend INBOX" in err and "Traceback" not in err
-    assert tree_digest(dc.home) == before
+    report = VirtualMailbox.from_config(dc.config_path, dc.home, "Virtual/all",
+                                        user="test").sync()
+    assert report.pushed == 1
+    names = [p.name for sub in ("new", "cur") for p in (dc.home / "Maildir" / sub).iterdir()]
+    assert len(names) == 1 and names[0].endswith(":2,F"), names
+    before = tree_digest(dc.home / "Maildir")
+    assert "\\Flagged" in dc.fetch("INBOX", ["flags"])[0]["flags"]
+    vbefore = tree_digest(vdir)
+    _fetch(dc)
+    assert tree_digest(vdir) == vbefore
+    assert tree_digest(dc.home / "Maildir").keys() == before.keys()

@@ -8,9 +8,8 @@
   backend's own log, written when the backend is reached in S5);
 * :func:`storage_sync` - the backend's ``mailbox_sync``: for sdbox ``sdbox_sync``
   (expunge requests: the ``u.<uid>`` file unlinked and an external expunge; flag and
-  keyword requests need nothing but the tail offset). A Maildir backend with requests
-  to carry out is refused (its sync renames and unlinks files and rewrites
-  ``dovecot-uidlist``; not reproduced).
+  keyword requests need nothing but the tail offset); for Maildir the Maildir sync of
+  :mod:`dovecot_index.storage.maildir_sync`.
 """
 
 from __future__ import annotations
@@ -103,7 +102,6 @@ def push_requests(sync: Any, requests: list[LogRecord]) -> int:
     flags, then keywords in the virtual index's keyword order, add before remove).
     Returns how many changes were made. The backend transactions wait in
     ``sync.pushes`` (by mailbox id) for S5."""
-    from .sync import VirtualSyncError
 
     view_index = sync.view.index
     existing = np.asarray(view_index.records["uid"], np.uint32)
@@ -124,12 +122,6 @@ def push_requests(sync: Any, requests: list[LogRecord]) -> int:
             box = sync.backend_box_open(bk)
             if box is None:
                 continue
-            if box.driver != "sdbox":
-                raise VirtualSyncError(
-                    str(sync.vbox.directory), f"{len(requests)} pending request(s) in "
-                    "the virtual log (changes made through the virtual mailbox) for "
-                    f"the Maildir backend {bk.name}: pushing them means renaming and "
-                    "unlinking its files, which is not reproduced; nothing was written")
             idx = MailboxIndex(box.index_dir, **sync.vbox.index_options)
             push = BackendPush(idx.transaction(external=False),
                                np.asarray(box.view.index.records["uid"], np.uint32))
@@ -159,16 +151,23 @@ def push_requests(sync: Any, requests: list[LogRecord]) -> int:
     return count
 
 
-def storage_sync(box: Any, options: dict[str, Any]) -> int:
-    """The backend's own sync (``mailbox_sync``) where it has requests to carry out.
+def storage_sync(box: Any, options: dict[str, Any], *, drop_recent: bool = False,
+                 full_read: bool = False) -> int:
+    """The backend's own sync (``mailbox_sync``).
 
-    sdbox (``sdbox_sync``): expunge requests become external expunges in the sync
-    transaction and their ``u.<uid>`` files are unlinked afterwards; flag and keyword
-    requests only need the tail offset moved. Returns the number of expunged messages.
-    A Maildir backend with requests raises (not reproduced).
+    Maildir: :func:`dovecot_index.storage.maildir_sync.maildir_sync` (requests renamed
+    into file names or unlinked, new and vanished files, flag changes made in file
+    names, uid validity resets). sdbox (``sdbox_sync``), only where requests wait:
+    expunge requests become external expunges in the sync transaction and their
+    ``u.<uid>`` files are unlinked afterwards; flag and keyword requests only need the
+    tail offset moved. Returns the number of expunged messages.
     """
-    from .sync import VirtualSyncError
+    if box.driver == "maildir":
+        from dovecot_index.storage.maildir_sync import maildir_sync
 
+        result = maildir_sync(box, options, drop_recent=drop_recent, full_read=full_read)
+        box.close()
+        return len(result.expunged)
     idx = MailboxIndex(box.index_dir, **options)
     ctx = idx.sync()
     try:
@@ -176,11 +175,6 @@ def storage_sync(box: Any, options: dict[str, Any]) -> int:
         if not requests:
             ctx.rollback()
             return 0
-        if box.driver != "sdbox":
-            raise VirtualSyncError(str(box.path), f"backend mailbox {box.name} has "
-                                   f"{len(requests)} request(s) its Maildir sync would "
-                                   "carry out (renames, unlinks): not reproduced; "
-                                   "the virtual index was not changed")
         recs = ctx.view.index.records
         existing = np.asarray(recs["uid"], np.uint32)
         gone: set[int] = set()

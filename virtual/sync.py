@@ -414,6 +414,8 @@ class VirtualMailbox:
         self.sync_virtual_next_uid = 0
         self.opened = False
         self.inconsistent = False
+        self._drop_recent = False
+        self._full_read = False
         self.boxes: dict[int, Any] = {}     # mailbox_id -> opened storage Mailbox
         self._session_view: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -507,7 +509,7 @@ class VirtualMailbox:
 
     # ------------------------------------------------------------------ sync ---
     def sync(self, *, expunge: bool = False, dry_run: bool = False,
-             drop_recent: bool = False) -> SyncReport:
+             drop_recent: bool = False, full_read: bool = False) -> SyncReport:
         """``virtual_sync``: bring the virtual index in step with the backends.
 
         :param expunge: the sync of an IMAP ``EXPUNGE`` (``MAILBOX_SYNC_FLAG_EXPUNGE``);
@@ -515,13 +517,18 @@ class VirtualMailbox:
             (``FIX_INCONSISTENT``), later ones only with ``expunge``.
         :param dry_run: compute everything, write nothing (not even the GUID an open
             writes), report what would change.
-        :param drop_recent: ``MAILBOX_FLAG_DROP_RECENT`` (an IMAP ``SELECT``).
+        :param drop_recent: ``MAILBOX_FLAG_DROP_RECENT`` (an IMAP ``SELECT``; ``+``
+            backends are synced with it too).
+        :param full_read: ``MAILBOX_SYNC_FLAG_FULL_READ`` (IMAP ``SELECT``/``EXAMINE``),
+            passed down to the backend syncs.
         """
         self.open(dry_run=dry_run)
         if self.inconsistent:
             raise VirtualSyncError(str(self.directory), "IMAP session state is "
                                    "inconsistent, please relogin.")
         first = not self.uids_mapped
+        self._drop_recent = drop_recent
+        self._full_read = full_read
         # the first sync of a process is an open sync (FIX_INCONSISTENT)
         expunge_removed = expunge or first
         if dry_run:
@@ -549,7 +556,7 @@ class VirtualMailbox:
         ``DROP_RECENT``, then a lib-storage transaction commit on the mailbox, whose
         ``index_pop3_uidl_update_exists_finish`` records ``hdr-pop3-uidl`` (max uid 0)
         in a virtual index that has no messages and no such header yet."""
-        report = self.sync(drop_recent=True)
+        report = self.sync(drop_recent=True, full_read=True)
         view = MailboxView(self.directory)
         ext = view.index.ext("hdr-pop3-uidl")
         if view.index.messages_count == 0 and (ext is None or ext.hdr_size < 4):
@@ -637,76 +644,6 @@ def _list_index_has_node(directory: Path) -> bool:
     return True
 
 
-def _check_storage_synced(bk: BackendBox, box: Any, view: MailboxView) -> None:
-    """Refuse a Maildir backend whose ``dovecot-uidlist`` and index disagree: Dovecot's
-    sync of it (``maildir_sync_index``) would first rewrite its index, which this
-    read-only layer does not reproduce."""
-    from dovecot_index.storage import MaildirMailbox, UidlistError
-
-    if not isinstance(box, MaildirMailbox):
-        return
-    try:
-        ul = box.uidlist
-    except UidlistError as e:
-        raise VirtualSyncError(e.path, f"{e.reason} (for backend mailbox {bk.name})") from e
-    hdr = view.index.header
-    index_uids = set(view.index.records["uid"].tolist())
-    why = None
-    if int(hdr.uid_validity) not in (0, ul.uid_validity):
-        why = f"uid validity {ul.uid_validity} in dovecot-uidlist, {hdr.uid_validity} in " \
-              "the index"
-    elif index_uids - set(ul.records):
-        why = f"{len(index_uids - set(ul.records))} indexed message(s) not in " \
-              "dovecot-uidlist"
-    elif any(uid >= int(hdr.next_uid) for uid in ul.records):
-        why = "dovecot-uidlist has messages the index has not seen yet"
-    else:
-        why = _maildir_files_differ(box, ul, view)
-    if why is not None:
-        raise VirtualSyncError(str(box.path), f"backend mailbox {bk.name} needs a "
-                               f"Maildir sync ({why}): Dovecot would rewrite its index "
-                               "first, which is not reproduced; nothing was written")
-
-
-_MAILDIR_FLAG_LETTERS = {"D": b.MAIL_DRAFT, "F": b.MAIL_FLAGGED, "R": b.MAIL_ANSWERED,
-                         "S": b.MAIL_SEEN, "T": b.MAIL_DELETED}
-
-
-def _maildir_files_differ(box: Any, ul: Any, view: MailboxView) -> str | None:
-    """What ``maildir_sync_index`` would change in the index: mail files that are not
-    in ``dovecot-uidlist``, indexed messages whose file is gone, flags or keywords in a
-    file name (``:2,`` letters, ``dovecot-keywords``) that the index does not have."""
-    from dovecot_index.storage.maildir import read_maildir_keywords
-
-    files = box._mail_files()
-    listed = {rec.basename for rec in ul.records.values()}
-    extra = [name for name in files if name not in listed]
-    if extra:
-        return f"{len(extra)} mail file(s) not in dovecot-uidlist"
-    idx = view.index
-    letters = read_maildir_keywords(box.control_dir / "dovecot-keywords")
-    names = list(idx.keywords)
-    matrix = idx.keyword_matrix() if names else None
-    for i, (uid, flags) in enumerate(zip(idx.records["uid"].tolist(),
-                                         idx.records["flags"].tolist(), strict=True)):
-        path = files.get(ul.records[uid].basename)
-        if path is None:
-            return f"the file of uid {uid} is gone"
-        info = path.name.partition(":2,")[2] if path.parent.name == "cur" else ""
-        want = 0
-        kws = set()
-        for ch in info:
-            if ch in _MAILDIR_FLAG_LETTERS:
-                want |= _MAILDIR_FLAG_LETTERS[ch]
-            elif "a" <= ch <= "z" and (ord(ch) - 97) in letters:
-                kws.add(letters[ord(ch) - 97].lower())
-        have = {names[k].lower() for k in np.flatnonzero(matrix[i])} \
-            if matrix is not None else set()
-        if want != flags & 0x1F or kws != have:
-            return f"the file name of uid {uid} has other flags or keywords than the index"
-    return None
-
-
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``needles`` in the sorted ``haystack`` and which are there."""
     pos = np.searchsorted(haystack, needles)
@@ -751,6 +688,8 @@ class _Sync:
         self.t = transaction
         self.expunge_removed = expunge_removed
         self.dry_run = dry_run
+        self.drop_recent = vbox._drop_recent
+        self.full_read = vbox._full_read
         assert vbox.state is not None
         self.state = vbox.state
         recs = self.view.index.records
@@ -792,7 +731,6 @@ class _Sync:
             raise VirtualSyncError(e.path, f"{e.reason} (for backend mailbox "
                                    f"{bk.name})") from e
         recs = view.index.records
-        _check_storage_synced(bk, box, view)
         data = _Backend(box, view, np.asarray(recs["uid"], U32),
                         np.asarray(recs["flags"], np.uint8), status.uidvalidity,
                         status.uidnext, status.highestmodseq, bytes.fromhex(status.guid))
@@ -829,7 +767,9 @@ class _Sync:
         if box is None or not box.exists():
             self.data.pop(bk.mailbox_id, None)
             return                               # gone: the next read reports it
-        storage_sync(box, self.vbox.index_options)
+        storage_sync(box, self.vbox.index_options,
+                     drop_recent=self.drop_recent and bk.rule.clear_recent,
+                     full_read=self.full_read)
         box.close()
         self.data.pop(bk.mailbox_id, None)
         self.opened[bk.mailbox_id] = box
