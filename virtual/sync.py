@@ -103,7 +103,7 @@ class _Backend:
     guid: bytes
     _mask: np.ndarray | None = None
     _dates: np.ndarray | None = None
-    _kw_rows: list[tuple[str, ...]] | None = None
+    _kw_codes: tuple[np.ndarray, list[tuple[str, ...]]] | None = None
 
     def seqs_of(self, real_uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """0-based positions of ``real_uids`` in the backend and which exist."""
@@ -112,19 +112,58 @@ class _Backend:
         ok[ok] = self.uids[pos[ok]] == real_uids[ok]
         return pos, ok
 
-    def keywords_at(self, seq0: int) -> tuple[str, ...]:
-        """Keyword names of the message at 0-based position ``seq0``, in the backend's
-        keyword order."""
-        if self._kw_rows is None:
+    def kw_codes(self) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+        """Every message's keyword set as a code into a table of name tuples (names in
+        the backend's keyword order): one entry per distinct set (vectorised)."""
+        if self._kw_codes is None:
             idx = self.view.index
             names = list(idx.keywords)
-            if names:
-                matrix = idx.keyword_matrix()
-                self._kw_rows = [tuple(names[k] for k in np.flatnonzero(row))
-                                 for row in matrix]
+            n = len(self.uids)
+            if not names or n == 0:
+                self._kw_codes = (np.zeros(n, np.int64), [()])
             else:
-                self._kw_rows = [()] * len(self.uids)
-        return self._kw_rows[seq0]
+                matrix = np.ascontiguousarray(idx.keyword_matrix(), dtype=bool)
+                packed = np.packbits(matrix, axis=1)
+                rows = np.ascontiguousarray(packed).view(
+                    np.dtype((np.void, packed.shape[1]))).reshape(-1)
+                uniq, first, codes = np.unique(rows, return_index=True,
+                                               return_inverse=True)
+                table = [tuple(names[k] for k in np.flatnonzero(matrix[i]))
+                         for i in first.tolist()]
+                self._kw_codes = (codes.reshape(-1).astype(np.int64), table)
+        return self._kw_codes
+
+    def received_dates_at(self, pos: np.ndarray) -> np.ndarray:
+        """INTERNALDATE of the messages at 0-based positions ``pos``: the cache's
+        ``date.received``, else the storage's own source (sdbox metadata ``R``, Maildir
+        as the storage layer reads it); 0 where there is none."""
+        out = np.zeros(len(pos), np.int64)
+        missing = np.ones(len(pos), bool)
+        cached = self.box._cached_fixed("date.received") if len(pos) else None
+        if cached is not None:
+            mask = np.ma.getmaskarray(cached)[pos]
+            vals = np.ma.getdata(cached)[pos]
+            out[~mask] = vals[~mask]
+            missing = mask
+        todo = np.flatnonzero(missing)
+        if not len(todo):
+            return out
+        if self.box.driver == "sdbox":
+            from dovecot_index.storage.sdbox import read_dbox_file
+
+            def one(p: int) -> int:
+                path = self.box._find_file(int(self.uids[p]), int(self.flags[p]))
+                try:
+                    return read_dbox_file(path).hex_value("R") or 0
+                except DovecotIndexError:
+                    return 0          # expunged meanwhile / unreadable: date 0
+
+            vals_list = [one(int(p)) for p in pos[todo].tolist()]
+        else:
+            dates = self.received_dates()
+            vals_list = dates[pos[todo]].tolist()
+        out[todo] = vals_list
+        return out
 
     def modseqs(self) -> np.ndarray:
         """Per-message modseq (``mail_index_modseq_lookup``): 0 or no ``modseq``
@@ -162,7 +201,8 @@ class _Seen:
 
     uids: np.ndarray
     flags: np.ndarray
-    keywords: list[frozenset[str]]
+    keywords: np.ndarray           # per message: code into keyword_sets
+    keyword_sets: list[frozenset[str]]
     modseqs: np.ndarray | None     # None: no modseq extension
     highest_modseq: int
     next_uid: int
@@ -171,9 +211,9 @@ class _Seen:
     def of(cls, data: _Backend) -> _Seen:
         recs = data.view.index.records
         has_modseq = "modseq" in (recs.dtype.names or ())
-        return cls(data.uids.copy(), data.flags.copy(),
-                   [frozenset(n.lower() for n in data.keywords_at(i))
-                    for i in range(len(data.uids))],
+        codes, table = data.kw_codes()
+        return cls(data.uids.copy(), data.flags.copy(), codes.copy(),
+                   [frozenset(n.lower() for n in names) for names in table],
                    data.modseqs() if has_modseq else None, data.raw_highest_modseq(),
                    data.next_uid)
 
@@ -707,7 +747,8 @@ class _Sync:
         self.expunges: list[np.ndarray] = []
         # flag and keyword copies in Dovecot's call order: (vuids, flags, names) for
         # existing messages; appended ones are handled in add_new
-        self.copies: list[tuple[np.ndarray, np.ndarray, list[tuple[str, ...]]]] = []
+        self.copies: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.kw_table: dict[tuple[str, ...], int] = {(): 0}
         self.all_adds: list[tuple[int, np.ndarray]] = []
         self.ext_header_changed = False
         self.hdr_updates: list[tuple[str, int, bytes]] = []
@@ -807,8 +848,15 @@ class _Sync:
         if not len(vuids):
             return
         flags = data.flags[pos] & BACKEND_FLAG_MASK
-        names = [data.keywords_at(int(p)) for p in pos.tolist()]
-        self.copies.append((vuids, flags, names))
+        self.copies.append((vuids, flags, self._global_kw(data)[pos]))
+
+    def _global_kw(self, data: _Backend) -> np.ndarray:
+        """The backend's per-message keyword codes as codes into this sync's table of
+        name tuples (:attr:`kw_table`)."""
+        codes, table = data.kw_codes()
+        gmap = np.array([self.kw_table.setdefault(names, len(self.kw_table))
+                         for names in table], np.int64)
+        return gmap[codes]
 
     # -------------------------------------------------------------------- run ---
     def run(self) -> SyncReport:
@@ -916,10 +964,14 @@ class _Sync:
             changed_mask = data.modseqs()[both] > seen.highest_modseq
         else:
             old_pos = pos_old[both]
-            changed_mask = (data.flags[both] != seen.flags[old_pos]) | np.array(
-                [frozenset(n.lower() for n in data.keywords_at(int(i)))
-                 != seen.keywords[int(j)] for i, j in zip(both, old_pos, strict=True)],
-                dtype=bool).reshape(-1)
+            ids: dict[frozenset[str], int] = {}
+            codes, table = data.kw_codes()
+            now_ids = np.array([ids.setdefault(frozenset(n.lower() for n in names),
+                                               len(ids)) for names in table], np.int64)
+            then_ids = np.array([ids.setdefault(st, len(ids)) for st in seen.keyword_sets],
+                                np.int64)
+            changed_mask = (data.flags[both] != seen.flags[old_pos]) | (
+                now_ids[codes[both]] != then_ids[seen.keywords[old_pos]])
         changed = data.uids[both[changed_mask]]
         new_pos = np.flatnonzero(~in_old & (data.uids >= seen.next_uid))
         # flag records: copy flags of mapped messages (ascending real uid)
@@ -1228,13 +1280,13 @@ class _Sync:
                     continue
                 pos, ok = data.seqs_of(reals[sel])
                 d = np.zeros(int(sel.sum()), np.int64)
-                d[ok] = data.received_dates()[pos[ok]]
+                d[ok] = data.received_dates_at(pos[ok])
                 dates[sel] = d
             order = np.lexsort((reals, dates))
             mids, reals = mids[order], reals[order]
         new_uids = np.arange(next_uid, next_uid + len(mids), dtype=np.int64)
         flags = np.zeros(len(mids), np.uint8)
-        names: list[tuple[str, ...]] = [()] * len(mids)
+        kw = np.zeros(len(mids), np.int64)           # codes into self.kw_table; 0 = ()
         for mid in np.unique(mids).tolist():
             sel = np.flatnonzero(mids == mid)
             bk = by_id[mid]
@@ -1245,14 +1297,13 @@ class _Sync:
                 continue
             pos, ok = data.seqs_of(reals[sel])
             flags[sel[ok]] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
-            for i, p in zip(sel[ok].tolist(), pos[ok].tolist(), strict=True):
-                names[i] = data.keywords_at(p)
+            kw[sel[ok]] = self._global_kw(data)[pos[ok]]
         for f in np.unique(flags).tolist():
             self.t.append(new_uids[flags == f], flags=int(f))
-        for uid, mid, real in zip(new_uids.tolist(), mids.tolist(), reals.tolist(),
-                                  strict=True):
-            self.t.update_ext_record(VIRTUAL_EXT, uid, struct.pack("<II", mid, real))
-        self.copies.append((new_uids.astype(U32), flags, names))
+        recs = np.zeros(len(mids), np.dtype([("mailbox_id", "<u4"), ("real_uid", "<u4")]))
+        recs["mailbox_id"], recs["real_uid"] = mids, reals
+        self.t.update_ext_records(VIRTUAL_EXT, new_uids, recs)
+        self.copies.append((new_uids.astype(U32), flags, kw))
         self.report.appended = list(zip(new_uids.tolist(), mids.tolist(), reals.tolist(),
                                         strict=True))
         self.vbox.sync_virtual_next_uid = next_uid + len(mids)
@@ -1292,23 +1343,22 @@ class _Sync:
             return
         all_v = np.concatenate([c[0] for c in self.copies])
         all_f = np.concatenate([c[1] for c in self.copies])
-        all_n: list[tuple[str, ...]] = []
-        for c in self.copies:
-            all_n.extend(c[2])
-        appended = set(uid for uid, _, _ in self.report.appended)
-        existing = np.array([v not in appended for v in all_v.tolist()], bool) \
-            if appended else np.ones(len(all_v), bool)
+        all_g = np.concatenate([c[2] for c in self.copies])
+        appended = np.fromiter((uid for uid, _, _ in self.report.appended), np.int64,
+                               len(self.report.appended))
+        existing = ~np.isin(all_v, appended)
         ev, ef = all_v[existing], all_f[existing]
         for f in np.unique(ef).tolist():
             self.t.update_flags(np.unique(ev[ef == f]), replace=int(f))
         self.report.flag_copies = len(np.unique(ev))
-        groups: dict[tuple[str, ...], list[int]] = {}
-        for v, nm in zip(all_v.tolist(), all_n, strict=True):
-            groups.setdefault(nm, []).append(v)
-        for nm, vs in groups.items():
-            if not nm and not any(v not in appended for v in vs):
-                continue
-            self.t.replace_keywords(np.unique(np.asarray(vs, U32)), nm)
+        table = list(self.kw_table)                  # code -> name tuple
+        codes, first = np.unique(all_g, return_index=True)
+        for code in codes[np.argsort(first, kind="stable")].tolist():
+            sel = all_g == code
+            names = table[code]
+            if not names and not existing[sel].any():
+                continue                             # new messages start without any
+            self.t.replace_keywords(np.unique(all_v[sel]), names)
 
     def _ext_header_rewrite(self) -> None:
         """``virtual_sync_ext_header_rewrite``: both headers whole, backends in id
