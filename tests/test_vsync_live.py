@@ -23,18 +23,29 @@ from dovecot_index.view import MailboxView
 from virtual.scenarios import Store, format_failure, run_scenario, snapshot
 from virtual.sync import VirtualMailbox
 
-# Fixed seeds (both storages, 5 rounds each) that need neither of the two refused
-# situations (pending virtual requests to push, a Maildir backend Dovecot would
-# re-index first); between them: first syncs, rule edits (crc change), deletes,
-# recreates, renames, uid validity changes, expunges and flag/keyword changes through
-# the virtual mailbox, several backends with new messages sorted by received date.
-OURS_SEEDS = [0, 1, 2, 3, 4, 5, 6, 10, 11, 13, 14, 15, 17, 18]
+# Fixed seeds (both storages, 5 rounds each); between them: first syncs, rule edits
+# (crc change), deletes, recreates, renames, uid validity changes, expunges and
+# flag/keyword changes through the virtual mailbox, pending virtual requests pushed to
+# sdbox and Maildir backends, Maildir backends re-indexed first, several backends with
+# new messages sorted by received date.
+OURS_SEEDS = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19, 30]
+#: long-lived: an IMAP session (SELECT, then NOOP every round) against ours-session
+SESSION_SEEDS = [0, 1, 2, 3, 4, 6, 8]
 
 
 @pytest.mark.live
 @pytest.mark.parametrize("seed", OURS_SEEDS)
 def test_ours_equals_dovecot_open(seed: int) -> None:
     result = run_scenario(seed, rounds=5, engine_a="dovecot-open", engine_b="ours")
+    assert result.ok, format_failure(result.failure)
+    assert result.rounds_run == 6
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("seed", SESSION_SEEDS)
+def test_ours_session_equals_dovecot_session(seed: int) -> None:
+    result = run_scenario(seed, rounds=5, engine_a="dovecot-session",
+                          engine_b="ours-session")
     assert result.ok, format_failure(result.failure)
     assert result.rounds_run == 6
 
