@@ -462,7 +462,8 @@ class MailboxIndex:
                            avoid_flag_updates=avoid_flag_updates)
 
     def sync(self, *, avoid_flag_updates: bool = True, drop_recent: bool = False,
-             update_tail_offset: bool = False) -> SyncContext:
+             update_tail_offset: bool = False,
+             own_ranges: Sequence[tuple[int, int, int]] = ()) -> SyncContext:
         """Begin a mailbox sync (``mail_index_sync_begin``): lock the head log until
         :meth:`SyncContext.commit` / :meth:`SyncContext.rollback`, read the pending
         requests, open the sync's EXTERNAL transaction. Use as a context manager (commits
@@ -475,9 +476,14 @@ class MailboxIndex:
             commit moves ``first_recent_uid`` to the next UID.
         :param update_tail_offset: ``MAIL_INDEX_SYNC_FLAG_UPDATE_TAIL_OFFSET``: write the
             tail offset even if only external transactions followed it.
+        :param own_ranges: ``(file_seq, start, end)`` of log records this (long-lived)
+            process appended itself outside a sync: a process never reads back what it
+            appended, so its tracked tail cannot move into them (a fresh reader's would
+            move over their external BOUNDARY).
         """
         return SyncContext(self, avoid_flag_updates=avoid_flag_updates,
-                           drop_recent=drop_recent, update_tail_offset=update_tail_offset)
+                           drop_recent=drop_recent, update_tail_offset=update_tail_offset,
+                           own_ranges=own_ranges)
 
     def recover(self) -> int:
         """Lock the log and cut an unfinished transaction a killed writer left at its end
@@ -1345,7 +1351,8 @@ class SyncContext:
     """
 
     def __init__(self, mailbox: MailboxIndex, *, avoid_flag_updates: bool = True,
-                 drop_recent: bool = False, update_tail_offset: bool = False) -> None:
+                 drop_recent: bool = False, update_tail_offset: bool = False,
+                 own_ranges: Sequence[tuple[int, int, int]] = ()) -> None:
         self.mailbox = mailbox
         self.drop_recent = drop_recent
         self.update_tail_offset = update_tail_offset
@@ -1359,6 +1366,11 @@ class SyncContext:
             self.view = cur
             self.head = log.sync_offset
             self.log_file_seq = int(log.header.file_seq)
+            h = cur.index.header
+            for seq, start, end in own_ranges:
+                if seq == int(h.log_file_seq) and start < int(h.log_file_tail_offset) <= end:
+                    h.log_file_tail_offset = start
+                    mailbox._view_cache = None   # this view is no longer the disk's
             self._disk_position = self._read_disk_position()
             self._scan()
             self._log2_update = self._log2_unlink_old()

@@ -456,6 +456,8 @@ class VirtualMailbox:
         self.inconsistent = False
         self._drop_recent = False
         self._full_read = False
+        #: log records this process appended outside its syncs (not read back)
+        self._own_ranges: list[tuple[int, int, int]] = []
         self.boxes: dict[int, Any] = {}     # mailbox_id -> opened storage Mailbox
         self._session_view: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -581,7 +583,7 @@ class VirtualMailbox:
             return _Sync(self, None, view, view.pending(),
                          Transaction(self.index, external=True), expunge_removed=True,
                          dry_run=True).run()
-        ctx = self.index.sync(drop_recent=drop_recent)
+        ctx = self.index.sync(drop_recent=drop_recent, own_ranges=self._own_ranges)
         try:
             report = _Sync(self, ctx, ctx.view, ctx.requests(), ctx.transaction,
                            expunge_removed=expunge_removed, dry_run=False).run()
@@ -603,7 +605,9 @@ class VirtualMailbox:
             t = self.index.transaction(external=False)
             t.ext_register("hdr-pop3-uidl", 4, 0, 0)
             t.update_ext_header("hdr-pop3-uidl", 0, bytes(4))
-            t.commit(write_index=False, rotate=False)
+            res = t.commit(write_index=False, rotate=False)
+            if res.size:
+                self._own_ranges.append((res.log_file_seq, res.offset, res.end))
         return report
 
     def _view_sync(self, *, report_expunges: bool) -> None:
