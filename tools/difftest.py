@@ -43,6 +43,8 @@ def _run(seed: int, options: dict[str, Any]) -> tuple[ScenarioResult, list[str]]
 def summary_line(result: ScenarioResult) -> str:
     """One line per scenario: seed, storage, status, rounds, operations, time."""
     status = "ok" if result.ok else f"FAIL in round {result.failure.round}"  # type: ignore[union-attr]
+    if result.ok and result.stopped is not None:
+        status = "stopped (crash)"
     notes = f"  notes {len(result.notes)}" if result.notes else ""
     return (f"seed {result.seed:>6} {result.storage:<7} {status:<16} "
             f"rounds {result.rounds_run:>2}  ops {result.ops_run:>3}  "
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_failure(result.failure), end="", flush=True)
             if result.workdir is not None:
                 print(f"stores kept in {result.workdir}", flush=True)
+        elif result.stopped is not None:
+            print(f"  stopped: {result.stopped}", flush=True)
 
     if args.jobs == 1:
         for seed in seeds:
@@ -118,11 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     rounds = sum(r.rounds_run for r in results)
     ops = sum(r.ops_run for r in results)
     notes = sum(len(r.notes) for r in results)
+    stopped = [r for r in results if r.ok and r.stopped is not None]
     print(f"{len(results)} scenarios ({rounds} rounds, {ops} operations), "
-          f"{len(failed)} failed, {notes} notes; {elapsed:.1f}s wall, "
+          f"{len(failed)} failed, {len(stopped)} stopped where Dovecot crashed, "
+          f"{notes} notes; {elapsed:.1f}s wall, "
           f"{per:.1f}s per scenario; engines {args.engine_a} vs {args.engine_b}")
     if failed:
         print("failed seeds: " + " ".join(str(r.seed) for r in failed))
+    if stopped:
+        print("stopped seeds: " + " ".join(str(r.seed) for r in stopped))
     return 1 if failed else 0
 
 

@@ -298,6 +298,7 @@ class DovecotSessionEngine(SyncEngine):
         self.session: ImapSession | None = None
         self.notes: list[str] = []
         self.relogins = 0
+        self.crashes = 0
         self._seen = 0
 
     def start(self, store: Store) -> None:
@@ -333,6 +334,9 @@ class DovecotSessionEngine(SyncEngine):
             re.sub(r"^\S+: ", "", line.strip()) for p in problems
             for line in p.splitlines() if line.strip()))
         self.relogins += 1
+        if any("closed its output" in p for p in problems) and \
+                not any("inconsistent" in p for p in problems):
+            self.crashes += 1           # the imap process died (e.g. SIGSEGV)
         self.start(store)
 
     def _problems(self) -> list[str]:
@@ -1501,6 +1505,9 @@ class ScenarioResult:
     failure: Failure | None = None
     workdir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    #: why the scenario stopped early without a failure (Dovecot's own session process
+    #: died: there is no reference result from then on)
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -1626,6 +1633,9 @@ class _ScenarioRun:
             self.result.ops_run += len(ops)
             failed = self._round(number, ops)
             self.result.rounds_run = number + 1
+            if self.result.stopped is not None:
+                self.say(f"  round {number}: stopped ({self.result.stopped})")
+                return
             if failed is not None:
                 lines, diffs = failed
                 names = self.result.engine_a, self.result.engine_b
@@ -1719,6 +1729,7 @@ class _ScenarioRun:
         diffs: list[Difference] = []
         start = self.mode == "snapshot" or number == 0 or self.restart
         relogins = [getattr(e, "relogins", 0) for e in self.engines]
+        crashes = [getattr(e, "crashes", 0) for e in self.engines]
         for engine, store in zip(self.engines, copies, strict=True):
             t0 = time.time()
             try:
@@ -1737,6 +1748,14 @@ class _ScenarioRun:
             self.result.notes += [f"round {number} {cap.label}: {note}"
                                   for note in notes[self.notes_seen[store.label]:]]
             self.notes_seen[store.label] = len(notes)
+        crashed = [e.name for e, c in zip(self.engines, crashes, strict=True)
+                   if getattr(e, "crashes", 0) != c]
+        if not diffs and crashed:
+            # Dovecot's own process died in this sync (a Dovecot bug, e.g. SIGSEGV): what
+            # it committed before dying is no reference for a correct sync
+            self.result.stopped = (f"round {number}: the {', '.join(crashed)} process "
+                                   "crashed; no reference result from then on")
+            return None
         if not diffs:
             # a session that died and logged in again (Dovecot's crashes) against one
             # that went on: the other logs in again too, so both end on a fresh SELECT
