@@ -380,14 +380,21 @@ class OurSessionEngine(SyncEngine):
         self.vbox: object | None = None
         self.notes: list[str] = []
         self.relogins = 0
+        # stores where an earlier SELECT of ours listed the virtual namespace: a Dovecot
+        # session would have added the mailbox's node to the list index then
+        self._listed: set[str] = set()
 
     def start(self, store: Store) -> None:
         from .sync import VirtualMailbox
 
-        self.vbox = VirtualMailbox.from_config(store.dc.config_path, store.dc.home,
-                                               store.vname, user=store.dc.user,
-                                               lists=False, crash_like="2.3.19.1")
+        key = str(store.root)
+        self.vbox = VirtualMailbox.from_config(
+            store.dc.config_path, store.dc.home, store.vname, user=store.dc.user,
+            lists=False, crash_like="2.3.19.1",
+            list_index_node=True if key in self._listed else None)
         self.vbox.select()  # type: ignore[attr-defined]
+        if self.vbox.listed:  # type: ignore[attr-defined]
+            self._listed.add(key)
 
     def sync(self, store: Store) -> None:
         from .sync import SessionCrash, VirtualSyncError

@@ -424,13 +424,17 @@ class VirtualMailbox:
         ``doveadm mailbox status`` always lists (``lists=True``, the CLI's default); an
         IMAP ``SELECT`` lists only through the definition's own wildcards.
     :param lists: the caller lists the mailboxes before opening (doveadm does).
+    :param list_index_node: whether the virtual namespace's list index has a node for
+        this mailbox (default: read ``dovecot.list.index``; a caller that knows a Dovecot
+        process in its place would have added it says ``True``).
     :param crash_like: ``"2.3.19.1"``: raise :class:`SessionCrash` where that version's
         session crashes (S12, an unknown mailbox id); default: skip it as 2.3.21 does.
     """
 
     def __init__(self, storage: Any, name: str, *, directory: str | os.PathLike[str]
                  | None = None, lock_method: str | None = None, opens: int | None = None,
-                 lists: bool = True, crash_like: str | None = None) -> None:
+                 lists: bool = True, crash_like: str | None = None,
+                 list_index_node: bool | None = None) -> None:
         self.storage = storage
         self.name = name
         if directory is None:
@@ -440,6 +444,8 @@ class VirtualMailbox:
         self.opens = opens
         self.lists = lists
         self.crash_like = crash_like
+        self.list_index_node = list_index_node
+        self.listed = False     # the open listed the namespace (the node exists now)
         config = getattr(storage, "config", None)
         self.index_options: dict[str, Any] = config.index_options() \
             if hasattr(config, "index_options") else {}
@@ -485,7 +491,11 @@ class VirtualMailbox:
         opens = self.opens
         if opens is None:
             listing = self.lists or self._wildcards_list_own_namespace()
-            opens = 2 if listing and not _list_index_has_node(self.directory) else 1
+            self.listed = listing
+            node = self.list_index_node
+            if node is None:
+                node = _list_index_has_node(self.directory)
+            opens = 2 if listing and not node else 1
         for _ in range(max(1, opens)):
             self._open_once(dry_run)
         self.opened = True
