@@ -149,16 +149,9 @@ class _Backend:
         if not len(todo):
             return out
         if self.box.driver == "sdbox":
-            from dovecot_index.storage.sdbox import read_dbox_file
-
-            def one(p: int) -> int:
-                path = self.box._find_file(int(self.uids[p]), int(self.flags[p]))
-                try:
-                    return read_dbox_file(path).hex_value("R") or 0
-                except DovecotIndexError:
-                    return 0          # expunged meanwhile / unreadable: date 0
-
-            vals_list = [one(int(p)) for p in pos[todo].tolist()]
+            sel = pos[todo]
+            vals_list = self.box.received_dates(self.uids[sel].tolist(),
+                                                self.flags[sel].tolist())
         else:
             dates = self.received_dates()
             vals_list = dates[pos[todo]].tolist()
@@ -1352,27 +1345,78 @@ class _Sync:
 
     def _write_copies(self) -> None:
         """Flag and keyword copies, batched by value; keyword calls grouped by name tuple
-        in first-use order, which registers names in Dovecot's call order."""
+        in first-use order, which registers names in Dovecot's call order. Copies that
+        change nothing (which AVOID_FLAG_UPDATES drops at commit) are left out before
+        they reach the transaction; their names are still registered in order."""
         if not self.copies:
             return
         all_v = np.concatenate([c[0] for c in self.copies])
-        all_f = np.concatenate([c[1] for c in self.copies])
+        all_f = np.concatenate([c[1] for c in self.copies]).astype(np.uint16)
         all_g = np.concatenate([c[2] for c in self.copies])
         appended = np.fromiter((uid for uid, _, _ in self.report.appended), np.int64,
                                len(self.report.appended))
         existing = ~np.isin(all_v, appended)
-        ev, ef = all_v[existing], all_f[existing]
-        for f in np.unique(ef).tolist():
-            self.t.update_flags(np.unique(ev[ef == f]), replace=int(f))
+        # the virtual messages as they are now
+        vpos = np.searchsorted(self.vuids, all_v)
+        vpos[~existing] = 0
+        recs = self.view.index.records
+        cur = np.asarray(recs["flags"], np.uint16)[vpos] if len(recs) else \
+            np.zeros(len(all_v), np.uint16)
+        rem = ~all_f & 0x1F
+        flag_noop = ((cur & all_f) == all_f) & ((cur & rem) == 0)
+        kw_same = self._keywords_equal(all_g, vpos) & existing
+        ev = all_v[existing & ~flag_noop]
+        ef = all_f[existing & ~flag_noop]
+        order = np.lexsort((ev, ef))
+        ev, ef = ev[order], ef[order]
+        bounds = np.flatnonzero(np.r_[True, ef[1:] != ef[:-1]]) if len(ef) else []
+        for i, start in enumerate(list(bounds)):
+            end = bounds[i + 1] if i + 1 < len(bounds) else len(ef)
+            self.t.update_flags(np.unique(ev[start:end]), replace=int(ef[start]))
         self.report.flag_copies = len(np.unique(ev))
         table = list(self.kw_table)                  # code -> name tuple
+        keep = ~kw_same
         codes, first = np.unique(all_g, return_index=True)
+        kv, kg = all_v[keep], all_g[keep]
+        order = np.lexsort((kv, kg))
+        kv, kg = kv[order], kg[order]
+        starts = np.searchsorted(kg, codes, "left")
+        ends = np.searchsorted(kg, codes, "right")
+        by_code = {int(c): (int(a), int(z)) for c, a, z in zip(codes, starts, ends,
+                                                              strict=True)}
         for code in codes[np.argsort(first, kind="stable")].tolist():
-            sel = all_g == code
             names = table[code]
-            if not names and not existing[sel].any():
+            a, z = by_code[code]
+            vs = np.unique(kv[a:z])
+            if not names and not len(vs):
+                continue
+            if not names and not np.isin(vs, appended, invert=True).any():
                 continue                             # new messages start without any
-            self.t.replace_keywords(np.unique(all_v[sel]), names)
+            self.t.replace_keywords(vs, names)       # (no uids: registers the names)
+
+    def _keywords_equal(self, codes: np.ndarray, vpos: np.ndarray) -> np.ndarray:
+        """Whether each virtual message (position ``vpos``) already has exactly the
+        keywords of table entry ``codes`` (names compare case-insensitively)."""
+        idx = self.view.index
+        names = list(idx.keywords)
+        sets: dict[frozenset[str], int] = {}
+        table_ids = np.array([sets.setdefault(frozenset(n.lower() for n in t), len(sets))
+                              for t in self.kw_table], np.int64)
+        n = len(idx.records)
+        if not names or n == 0:
+            virtual_ids = np.full(max(n, 1), sets.setdefault(frozenset(), len(sets)),
+                                  np.int64)
+        else:
+            matrix = np.ascontiguousarray(idx.keyword_matrix(), dtype=bool)
+            packed = np.packbits(matrix, axis=1)
+            rows = np.ascontiguousarray(packed).view(
+                np.dtype((np.void, packed.shape[1]))).reshape(-1)
+            _, first, inv = np.unique(rows, return_index=True, return_inverse=True)
+            ids = np.array([sets.setdefault(frozenset(names[k].lower()
+                                                      for k in np.flatnonzero(matrix[i])),
+                                            len(sets)) for i in first.tolist()], np.int64)
+            virtual_ids = ids[inv.reshape(-1)]
+        return table_ids[codes] == virtual_ids[vpos]
 
     def _ext_header_rewrite(self) -> None:
         """``virtual_sync_ext_header_rewrite``: both headers whole, backends in id
