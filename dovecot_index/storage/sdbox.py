@@ -233,11 +233,16 @@ class SdboxMailbox(Mailbox):
             return 0
 
         pairs = list(zip(uids, flags, strict=True))
-        if len(pairs) < 256:
-            return [one(int(u), int(f)) for u, f in pairs]
+
+        def chunk(part: list[tuple[int, int]]) -> list[int]:
+            return [one(int(u), int(f)) for u, f in part]
+
+        if len(pairs) < 2048:
+            return chunk(pairs)
+        step = 4096
+        parts = [pairs[i:i + step] for i in range(0, len(pairs), step)]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            return list(pool.map(lambda p: one(int(p[0]), int(p[1])), pairs,
-                                 chunksize=1024))
+            return [d for part in pool.map(chunk, parts) for d in part]
 
     def read_file(self, uid: int, flags: int = 0) -> DboxFile:
         """The parsed ``u.<uid>`` file."""
