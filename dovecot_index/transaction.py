@@ -696,13 +696,18 @@ class Transaction:
         if uids is None:
             raise ValueError("append needs uids or count")
         arr = np.atleast_1d(np.asarray(uids, dtype=np.int64))
-        for uid in arr.tolist():
-            if not 0 < uid < 0xFFFFFFFF:
-                raise ValueError(f"invalid uid {uid}")
-            if uid in self._append_uids:
-                raise ValueError(f"duplicate UID {uid} appended in transaction")
-            self._append_uids.add(uid)
-            self._appends.append((int(uid), flags, kw))
+        if len(arr) and (int(arr.min()) <= 0 or int(arr.max()) >= 0xFFFFFFFF):
+            bad = arr[(arr <= 0) | (arr >= 0xFFFFFFFF)][0]
+            raise ValueError(f"invalid uid {int(bad)}")
+        listed = arr.tolist()
+        if len(set(listed)) != len(listed) or not self._append_uids.isdisjoint(listed):
+            seen = set(self._append_uids)
+            for uid in listed:
+                if uid in seen:
+                    raise ValueError(f"duplicate UID {uid} appended in transaction")
+                seen.add(uid)
+        self._append_uids.update(listed)
+        self._appends.extend((uid, flags, kw) for uid in listed)
 
     # ----------------------------------------------------------------- flags ---
     def update_flags(self, uids: Iterable[int] | int, *, add: int = 0, remove: int = 0,
@@ -1074,7 +1079,10 @@ class Transaction:
         if len(fu_uids):
             records.append((RecordKind.FLAG_UPDATE, _flag_items(fu_uids, fu_add, fu_rem)))
         # --- ext record updates, then atomic increments -----------------------
-        valid = np.union1d(existing, new_uids)
+        if not len(new_uids) or not len(existing) or new_uids[0] > existing[-1]:
+            valid = np.concatenate([existing, new_uids])   # both sorted, disjoint
+        else:
+            valid = np.union1d(existing, new_uids)
         for attr, kind in (("rec", RecordKind.EXT_REC_UPDATE),
                            ("inc", RecordKind.EXT_ATOMIC_INC)):
             for name in ext_order:
