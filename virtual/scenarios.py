@@ -180,7 +180,7 @@ def new_store(storage: Storage, root: Path, vname: str, *, force_index_write: bo
     return Store(dc, vname, label)
 
 
-def snapshot(src: Store, dest: Path, label: str) -> Store:
+def snapshot(src: Store, dest: Path, label: str, *, hard_links: bool = False) -> Store:
     """Copy ``src`` to ``dest`` as a store Dovecot can use there.
 
     The configuration holds absolute paths (``mail_home``, ``base_dir``,
@@ -192,6 +192,8 @@ def snapshot(src: Store, dest: Path, label: str) -> Store:
     directories' and ``dovecot-uidlist``'s) are kept. Nothing under the home stores an
     absolute path. ``run/`` and ``state/`` are not copied (nothing in them matters
     without a master process). No Dovecot process may be writing ``src`` meanwhile.
+    ``hard_links``: ``cp -al`` (every file shared with ``src``; the caller replaces
+    what a sync may write).
     """
     if dest.exists():
         shutil.rmtree(dest)
@@ -200,7 +202,8 @@ def snapshot(src: Store, dest: Path, label: str) -> Store:
                      settings=old.settings, user=old.user, mail_uid=old.mail_uid,
                      mail_gid=old.mail_gid, timeout=old.timeout)
     shutil.rmtree(dc.home)
-    subprocess.run(["cp", "-a", "--", str(old.home), str(dc.home)], check=True)
+    subprocess.run(["cp", "-al" if hard_links else "-a", "--", str(old.home),
+                    str(dc.home)], check=True)
     return Store(dc, src.vname, label)
 
 

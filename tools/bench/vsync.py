@@ -259,14 +259,8 @@ def copy_store(src: Store, dest: Path, label: str, full: bool) -> Store:
     """
     if full:
         return snapshot(src, dest, label)
-    if dest.exists():
-        shutil.rmtree(dest)
-    old = src.dc
-    dc = LiveDovecot(old.backend, root=dest, force_index_write=old.force_index_write,
-                     settings=old.settings, user=old.user, mail_uid=old.mail_uid,
-                     mail_gid=old.mail_gid, timeout=old.timeout)
-    shutil.rmtree(dc.home)
-    subprocess.run(["cp", "-al", "--", str(old.home), str(dc.home)], check=True)
+    store = snapshot(src, dest, label, hard_links=True)
+    dc = store.dc
     copied: dict[int, Path] = {}
     for dirpath, _dirs, files in os.walk(dc.home):
         directory = Path(dirpath)
@@ -290,7 +284,7 @@ def copy_store(src: Store, dest: Path, label: str, full: bool) -> Store:
             copied[st.st_ino] = path
         if touched:
             os.utime(directory, ns=(dir_st.st_atime_ns, dir_st.st_mtime_ns))
-    return Store(dc, src.vname, label)
+    return store
 
 
 def warm(store: Store) -> float:
