@@ -470,8 +470,8 @@ class MailboxIndex:
         on success, rolls back on an exception).
 
         :param avoid_flag_updates: ``MAIL_INDEX_SYNC_FLAG_AVOID_FLAG_UPDATES`` (set by
-            the sdbox, mdbox, maildir and virtual syncs): flag/keyword changes that change
-            nothing are dropped.
+            the sdbox, mdbox and virtual syncs; not the Maildir sync): flag/keyword
+            changes that change nothing are dropped.
         :param drop_recent: ``MAIL_INDEX_SYNC_FLAG_DROP_RECENT`` (an IMAP SELECT): the
             commit moves ``first_recent_uid`` to the next UID.
         :param update_tail_offset: ``MAIL_INDEX_SYNC_FLAG_UPDATE_TAIL_OFFSET``: write the
