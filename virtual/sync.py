@@ -540,8 +540,9 @@ class VirtualMailbox:
                 t.commit(write_index=False, rotate=False)
 
     def _current_view(self) -> MailboxView:
-        """The replayed virtual index (an empty map when it has no files yet)."""
-        return MailboxView(self.directory)
+        """The replayed virtual index (an empty map when it has no files yet); the
+        :class:`MailboxIndex` keeps it while the files do not change."""
+        return self.index.view()
 
     def _backend_exists(self, name: str) -> bool:
         from dovecot_index.storage import StorageError
@@ -618,7 +619,7 @@ class VirtualMailbox:
         the session's view moves to the index head; the virtual messages it loses
         (expunged by this sync or by others) are noted per backend as outside expunges
         (an open sync, FIX_INCONSISTENT, reports none)."""
-        view = MailboxView(self.directory)
+        view = self.index.view()
         recs = view.index.records
         uids = np.asarray(recs["uid"], U32)
         if VIRTUAL_EXT in (recs.dtype.names or ()):
