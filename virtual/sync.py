@@ -354,7 +354,7 @@ def ext_header_read(state: _HeaderState, backends: list[BackendBox], view: Mailb
         gext = idx.ext(VIRTUAL_GUID_EXT)
         if gext is not None and len(gext.hdr_data) >= GUID_SIZE:
             state.guid = bytes(gext.hdr_data[:GUID_SIZE])
-        state.prev_change_counter = struct.unpack_from("<I", vdata.ljust(4, b"\0"))[0]
+        state.prev_change_counter = check.header.change_counter if check.header else 0
         problems.extend(p for p in check.problems if p.level in ("error", "warning"))
         by_name = {bk.name: bk for bk in backends}
         for i, m in enumerate(check.mailboxes):
@@ -382,8 +382,7 @@ def ext_header_read(state: _HeaderState, backends: list[BackendBox], view: Mailb
                     bk = by_name.get(m.name)
                     if bk is not None and bk.sync_mailbox_idx1 == i + 1 and m.guid:
                         bk.sync_guid = bytes(m.guid)
-    state.highest_mailbox_id = 0 if vext is None else \
-        struct.unpack_from("<I", vdata.ljust(12, b"\0"), 8)[0]
+    state.highest_mailbox_id = check.header.highest_mailbox_id if check.header else 0
     state.sync_initialized = not broken
     for bk in backends:
         if bk.mailbox_id == 0:
