@@ -193,56 +193,26 @@ class SdboxMailbox(Mailbox):
     def received_dates(self, uids: Sequence[int], flags: Sequence[int]) -> list[int]:
         """The metadata ``R`` (received date) of many mail files, 0 where a file is
         gone or has none (``dbox_mail_get_received_date`` without the cache). Reads only
-        the tail of each file (where the metadata block is), several files at a time;
-        a file whose metadata does not fit the tail is parsed whole."""
-        from concurrent.futures import ThreadPoolExecutor
-
+        the tail of each file (where the metadata block is); a file whose metadata does
+        not fit the tail is parsed whole. Large sets are split over worker processes
+        (threads only contend for the interpreter lock here)."""
         primary = os.fspath(self.path) + "/" + SDBOX_MAIL_FILE_PREFIX
         alt = (os.fspath(self.alt_path) + "/" + SDBOX_MAIL_FILE_PREFIX
                if self.alt_path is not None else None)
+        pairs = [(int(u), int(f)) for u, f in zip(uids, flags, strict=True)]
+        workers = min(os.cpu_count() or 1, 4)
+        if len(pairs) < _PARALLEL_DATES_MIN or workers < 2:
+            return _received_dates_of(primary, alt, pairs)
+        step = -(-len(pairs) // workers)
+        parts = [(primary, alt, pairs[i:i + step]) for i in range(0, len(pairs), step)]
+        try:
+            import multiprocessing
 
-        def one(uid: int, fl: int) -> int:
-            names = [primary + str(uid)]
-            if alt is not None:
-                names.insert(0 if fl & SDBOX_INDEX_FLAG_ALT else 1, alt + str(uid))
-            for name in names:
-                try:
-                    fd = os.open(name, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    return 0
-                try:
-                    size = os.fstat(fd).st_size
-                    tail = os.pread(fd, 4096, max(0, size - 4096))
-                finally:
-                    os.close(fd)
-                pos = tail.rfind(DBOX_MAGIC_POST)
-                if pos < 0 or (size > 4096 and pos == 0):
-                    try:
-                        return read_dbox_file(name).hex_value("R") or 0
-                    except DboxFileError:
-                        return 0
-                for line in tail[pos + len(DBOX_MAGIC_POST):].split(b"\n"):
-                    if line[:1] == b"R":
-                        try:
-                            return int(line[1:], 16)
-                        except ValueError:
-                            return 0
-                return 0
-            return 0
-
-        pairs = list(zip(uids, flags, strict=True))
-
-        def chunk(part: list[tuple[int, int]]) -> list[int]:
-            return [one(int(u), int(f)) for u, f in part]
-
-        if len(pairs) < 2048:
-            return chunk(pairs)
-        step = 4096
-        parts = [pairs[i:i + step] for i in range(0, len(pairs), step)]
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            return [d for part in pool.map(chunk, parts) for d in part]
+            with multiprocessing.get_context("fork").Pool(len(parts)) as pool:
+                done = pool.starmap(_received_dates_of, parts)
+        except OSError:
+            return _received_dates_of(primary, alt, pairs)
+        return [d for part in done for d in part]
 
     def read_file(self, uid: int, flags: int = 0) -> DboxFile:
         """The parsed ``u.<uid>`` file."""
@@ -287,3 +257,49 @@ class SdboxMailbox(Mailbox):
                                    virtual_size=vsize, guid=guid, path=path,
                                    sources=sources))
         return out
+
+
+_PARALLEL_DATES_MIN = 20_000
+_TAIL_READ = 512
+
+
+def _received_dates_of(primary: str, alt: str | None,
+                       pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """``R`` of each ``(uid, index flags)`` file: ``primary``/``alt`` are the file name
+    prefixes (``.../u.``); the ALT one is tried first when the record says so."""
+    out: list[int] = []
+    for uid, fl in pairs:
+        names = [primary + str(uid)]
+        if alt is not None:
+            names.insert(0 if fl & SDBOX_INDEX_FLAG_ALT else 1, alt + str(uid))
+        out.append(_received_date_of(names))
+    return out
+
+
+def _received_date_of(names: list[str]) -> int:
+    for name in names:
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, _TAIL_READ, max(0, size - _TAIL_READ))
+        finally:
+            os.close(fd)
+        pos = tail.rfind(DBOX_MAGIC_POST)
+        if pos < 0 or (size > _TAIL_READ and pos == 0):
+            try:
+                return read_dbox_file(name).hex_value("R") or 0
+            except DboxFileError:
+                return 0
+        for line in tail[pos + len(DBOX_MAGIC_POST):].split(b"\n"):
+            if line[:1] == b"R":
+                try:
+                    return int(line[1:], 16)
+                except ValueError:
+                    return 0
+        return 0
+    return 0
