@@ -268,6 +268,80 @@ def _local_day_start(when: float) -> int:
 
 
 # =================================================================== the mailbox ===
+class MainIndexState:
+    """What a process that keeps a mailbox open knows of ``dovecot.index`` (``struct
+    mail_index``: ``fd``, ``main_index_hdr_log_file_seq`` / ``_tail_offset``,
+    ``reopen_main_index``, ``index_min_write``).
+
+    The descriptor is the file as this process last opened it. Recreating the index
+    (temp file + rename) leaves it on the replaced file, and ``mail_index_write`` only
+    recreates the index while the descriptor and the path name the same file
+    (``mail_index_should_recreate``); otherwise it asks for a reopen at the next map
+    (``mail_index_map``: ``reopen_main_index``, or a log that grew past the index's
+    size, ``mail_index_sync_map_want_index_reopen``). So a long-lived session that
+    rewrites the index on every sync writes it only every other time.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.seq = 0
+        self.tail = 0
+        self.reopen_main_index = False
+        self.index_min_write = False
+        self.map_head: tuple[int, int] | None = None   # (seq, offset) the map was read to
+        self.map_size = 0                              # header_size + records
+        self.open()
+
+    def open(self) -> None:
+        """``mail_index_try_open_only`` + reading the header: the descriptor and
+        ``main_index_hdr_*`` now describe the file on disk (or no file)."""
+        self.close()
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        raw = os.pread(self.fd, b.MAIL_INDEX_HEADER_MIN_SIZE, 0)
+        if len(raw) >= b.MAIL_INDEX_HEADER_MIN_SIZE:
+            hdr = b.MailIndexHeader.parse(raw)
+            self.seq, self.tail = int(hdr.log_file_seq), int(hdr.log_file_tail_offset)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def map_refresh(self, log_seq: int, log_size: int, log_prev_seq: int) -> None:
+        """``mail_index_map`` at a sync's begin: reopen if asked to, or if the log grew
+        more since the map's head than the index is large."""
+        reopen = self.reopen_main_index or self.map_head is None
+        if not reopen:
+            size = 2048 if self.fd is None and log_prev_seq != 0 else self.map_size
+            start = self.map_head[1] if self.map_head[0] == log_seq else 0
+            reopen = log_size > start and log_size - start > size
+        if reopen:
+            self.reopen_main_index = False
+            self.open()
+
+    def position(self) -> tuple[int, int] | None:
+        return (self.seq, self.tail) if self.seq else None
+
+    def should_recreate(self) -> bool:
+        """``mail_index_should_recreate``."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self.fd is None
+        if self.fd is None:
+            return False        # created by another process since we looked
+        fst = os.fstat(self.fd)
+        return (fst.st_ino, fst.st_dev) == (st.st_ino, st.st_dev)
+
+
 class MailboxIndex:
     """One mailbox's index directory (``dovecot.index``, ``.log``, ``.log.2``) opened
     for writing (``struct mail_index`` with its settings).
@@ -314,6 +388,16 @@ class MailboxIndex:
         self.log2_max_age = log2_max_age
         self.keep_backups = keep_backups
         self._view_cache: tuple[tuple[Any, ...], MailboxView] | None = None
+        #: set by :meth:`keep_open`: this object stands for a long-lived process
+        self.main_index: MainIndexState | None = None
+
+    def keep_open(self) -> MainIndexState:
+        """Behave like a process that opened the mailbox now and keeps it open
+        (``mail_index_open``): its index descriptor and what it read from
+        ``dovecot.index`` decide its later index writes (:class:`MainIndexState`)."""
+        if self.main_index is None:
+            self.main_index = MainIndexState(self.index_path)
+        return self.main_index
 
     # ------------------------------------------------------------------ paths ---
     @property
@@ -630,6 +714,10 @@ class Transaction:
         self.external = external
         self.sync = sync
         self.avoid_flag_updates = avoid_flag_updates
+        #: the map the flag/keyword changes and expunges refer to (the transaction's
+        #: view): ``None`` = the map current at commit. A long-lived process sets its
+        #: older view: its changes to messages that have gone since are still written
+        self.changes_view: IndexFile | None = None
         self._ops: list[tuple[Any, ...]] = []
         self._appends: list[tuple[int | None, int, tuple[str, ...]]] = []
         self._append_uids: set[int] = set()
@@ -1007,6 +1095,10 @@ class Transaction:
         existing = np.asarray(index.records["uid"], dtype=np.uint32)
         next_uid = int(hdr.next_uid)
         self._resize_intro_used: set[str] = set()
+        # the messages the changes are made against (the transaction's view)
+        base = self.changes_view if self.changes_view is not None else index
+        base_existing = existing if base is index else \
+            np.asarray(base.records["uid"], dtype=np.uint32)
 
         # --- appends (sorted, UIDs assigned) ---------------------------------
         explicit = sorted(u for u, _, _ in self._appends if u is not None)
@@ -1031,7 +1123,7 @@ class Transaction:
         new_uids = np.asarray(appended, dtype=np.uint32)
 
         # --- flags and keywords, in call order -------------------------------
-        changes = _ChangeSet(index, existing, new_uids, append_flags,
+        changes = _ChangeSet(base, base_existing, new_uids, append_flags,
                              self.avoid_flag_updates)
         by_kw: dict[tuple[str, ...], list[int]] = {}
         for uid, kw in append_kw:  # an append's keywords: an add right after it
@@ -1123,7 +1215,7 @@ class Transaction:
                 struct.pack("<III", uid, m & 0xFFFFFFFF, m >> 32) for uid, m in mods)))
         # --- expunges ---------------------------------------------------------
         exp_all = np.fromiter(sorted(self._expunges), np.int64, len(self._expunges))
-        exp = exp_all[np.isin(exp_all, existing)].tolist()
+        exp = exp_all[np.isin(exp_all, base_existing)].tolist()
         if any(uid in append_flags for uid in self._expunges):
             raise ValueError("cannot expunge a message appended in the same transaction")
         if exp:
@@ -1379,7 +1471,13 @@ class SyncContext:
                 if seq == int(h.log_file_seq) and start < int(h.log_file_tail_offset) <= end:
                     h.log_file_tail_offset = start
                     mailbox._view_cache = None   # this view is no longer the disk's
-            self._disk_position = self._read_disk_position()
+            mi = mailbox.main_index
+            if mi is not None:
+                mi.map_refresh(self.log_file_seq, self.head,
+                               int(log.header.prev_file_seq))
+                self._disk_position = mi.position()
+            else:
+                self._disk_position = self._read_disk_position()
             self._scan()
             self._log2_update = self._log2_unlink_old()
             self.transaction = Transaction(mailbox, external=True,
@@ -1435,6 +1533,15 @@ class SyncContext:
         disk = self._disk_position
         self._index_min_write = disk is None or disk[0] != self.log_file_seq or \
             self.head - disk[1] > self.mailbox.index_rewrite_min_log_bytes
+        mi = self.mailbox.main_index
+        if mi is not None:
+            # the flag stays until an index write (mail_index_sync_map sets it from
+            # the map it syncs, mail_index_sync_commit clears it)
+            tail = int(h.log_file_tail_offset)
+            mi.index_min_write = mi.index_min_write or \
+                int(h.log_file_seq) != self.log_file_seq or \
+                self.head - tail > self.mailbox.index_rewrite_min_log_bytes
+            self._index_min_write = mi.index_min_write
 
     def _log2_unlink_old(self) -> int | None:
         """``mail_transaction_log_2_unlink_old``: remove a ``.log.2`` older than
@@ -1594,15 +1701,39 @@ class SyncContext:
                 index_reason = "asked" if write_index else self._want_index_write(
                     seq, map_tail)
             rotated = index_written = False
+            mi = mbox.main_index
             if rotate_reason or index_reason:
-                post = mbox._locked_view(log)
-                if rotate_reason:
-                    mbox._rotate_locked(log, post)
-                    rotated = True
+                # mail_index_write: a rotation always rewrites; otherwise only if this
+                # process's index descriptor still names the file on disk
+                if rotate_reason or mi is None or mi.should_recreate():
+                    post = mbox._locked_view(log)
+                    if rotate_reason:
+                        mbox._rotate_locked(log, post)
+                        rotated = True
+                    else:
+                        mbox._write_index_locked(log, post, True)
+                    index_written = True
                 else:
-                    mbox._write_index_locked(log, post, True)
-                index_written = True
+                    mi.reopen_main_index = True
             new_seq = int(log.header.file_seq)
+            if mi is not None and mi.reopen_main_index:
+                # the map refresh that ends the sync (mail_index_map after the commit)
+                # reopens the index at once
+                mi.reopen_main_index = False
+                mi.open()
+                reopened = True
+            else:
+                reopened = False
+            if mi is not None:
+                if rotate_reason or index_reason:
+                    mi.index_min_write = False
+                    if not reopened:
+                        mi.seq = new_seq
+                        mi.tail = int(log.header.hdr_size) if rotated else map_tail
+                mi.map_head = (new_seq, log.sync_offset if not rotated
+                               else int(log.header.hdr_size))
+                count = int(h.messages_count) + len(appended) - len(t._expunges)
+                mi.map_size = int(h.header_size) + max(0, count) * int(h.record_size)
         finally:
             self._done = True
             t._done = True

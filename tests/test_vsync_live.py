@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,10 @@ from virtual.sync import VirtualMailbox
 # new messages sorted by received date.
 OURS_SEEDS = [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 17, 18, 19, 30]
 #: long-lived: an IMAP session (SELECT, then NOOP every round) against ours-session
-SESSION_SEEDS = [0, 1, 2, 3, 4, 6, 8]
+SESSION_SEEDS = [0, 1, 2, 3, 4, 6, 8,
+                 26, 66,        # hdr-pop3-uidl written by the NOOP after the last expunge
+                 42, 97,        # the session's list index node (doveadm opens once)
+                 59]            # an index another process recreated is not rewritten
 
 
 @pytest.mark.live
@@ -199,3 +203,48 @@ def test_pending_requests_pushed_to_maildir(live_dovecot_factory) -> None:  # ty
     _fetch(dc)
     assert tree_digest(vdir) == vbefore
     assert tree_digest(dc.home / "Maildir").keys() == before.keys()
+
+
+def _index_writes(dc, session_noop) -> list[bool]:  # type: ignore[no-untyped-def]
+    """Whether ``dovecot.index`` of Virtual/all was recreated by each of 6 NOOPs, with a
+    flag change in a backend before each (the index is due for a rewrite every time)."""
+    from dovecot_index.live import Message
+
+    dc.append("INBOX", [Message(subject=f"m{i}", internaldate=1_600_000_000 + i)
+                        for i in range(6)])
+    dc.define_virtual("all", "INBOX\n  ALL\n")
+    path = dc.mailbox_dir("Virtual/all") / "dovecot.index"
+    noop = session_noop()
+    written = []
+    for uid in range(1, 7):
+        before = path.read_bytes()
+        with open(path, "rb") as held:      # keeps the inode number from being reused
+            dc.store("INBOX", [uid], "+FLAGS", ["\\Seen"])
+            noop()
+            written.append(os.path.samestat(os.fstat(held.fileno()), os.stat(path)) is False)
+        assert path.read_bytes() != before or not written[-1]
+    return written
+
+
+def test_session_index_rewrites_follow_dovecot(live_dovecot_factory) -> None:  # type: ignore[no-untyped-def]
+    """A long-lived session recreates ``dovecot.index`` only while its descriptor names
+    the file on disk (``mail_index_should_recreate``): after its own rewrite it skips
+    the next one and reopens. Dovecot's IMAP session and ours, NOOP for NOOP."""
+    theirs = live_dovecot_factory(backend="sdbox", force_index_write=True)
+
+    def imap_noop():  # type: ignore[no-untyped-def]
+        session = theirs.imap_session()
+        session.select("Virtual/all")
+        return lambda: session.command("NOOP")
+
+    ours = live_dovecot_factory(backend="sdbox", force_index_write=True)
+
+    def our_noop():  # type: ignore[no-untyped-def]
+        vbox = VirtualMailbox.from_config(ours.config_path, ours.home, "Virtual/all",
+                                          user=ours.user, lists=False)
+        vbox.select()
+        return vbox.noop
+
+    expected = _index_writes(theirs, imap_noop)
+    assert expected == [False, True, False, True, False, True]   # Dovecot, 2.3.19.1
+    assert _index_writes(ours, our_noop) == expected

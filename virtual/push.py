@@ -123,8 +123,15 @@ def push_requests(sync: Any, requests: list[LogRecord]) -> int:
             if box is None:
                 continue
             idx = MailboxIndex(box.index_dir, **sync.vbox.index_options)
-            push = BackendPush(idx.transaction(external=False),
-                               np.asarray(box.view.index.records["uid"], np.uint32))
+            t = idx.transaction(external=False)
+            if bk.seen is not None:
+                # a long-lived process changes its backend view as of its last sync
+                # of that backend: messages expunged since are still there
+                t.changes_view = bk.seen.index
+                push = BackendPush(t, np.asarray(bk.seen.uids, np.uint32))
+            else:
+                push = BackendPush(t, np.asarray(box.view.index.records["uid"],
+                                                 np.uint32))
             sync.pushes[mailbox_id] = push
         have = push.uids
         pos = int(np.searchsorted(have, real_uid))

@@ -383,21 +383,27 @@ class OurSessionEngine(SyncEngine):
         self.vbox: object | None = None
         self.notes: list[str] = []
         self.relogins = 0
-        # stores where an earlier SELECT of ours listed the virtual namespace: a Dovecot
-        # session would have added the mailbox's node to the list index then
-        self._listed: set[str] = set()
 
     def start(self, store: Store) -> None:
-        from .sync import VirtualMailbox
+        from .sync import VirtualMailbox, _list_index_has_node
 
-        key = str(store.root)
-        self.vbox = VirtualMailbox.from_config(
+        self.vbox = vbox = VirtualMailbox.from_config(
             store.dc.config_path, store.dc.home, store.vname, user=store.dc.user,
-            lists=False, crash_like="2.3.19.1",
-            list_index_node=True if key in self._listed else None)
-        self.vbox.select()  # type: ignore[attr-defined]
-        if self.vbox.listed:  # type: ignore[attr-defined]
-            self._listed.add(key)
+            lists=False, crash_like="2.3.19.1")
+        vbox.select()
+        if not _list_index_has_node(vbox.directory):
+            # after its sync, Dovecot's session updates the mailbox's status in the
+            # mailbox list index, refreshing the list index first when the mailbox has
+            # no node there (a SELECT that listed the namespace added it before the
+            # open; that extra open we did ourselves). We do not write
+            # dovecot.list.index: Dovecot's own listing adds the node now, and must not
+            # touch the virtual index (its header is current after our sync). Only a
+            # wildcard refreshes the list index; an exact name is looked up directly
+            before = _index_files_state(vbox.directory)
+            store.dc.doveadm("mailbox", "list", store.vname.split("/", 1)[0] + "/*")
+            if _index_files_state(vbox.directory) != before:
+                raise DovecotError("ours-session: Dovecot's listing (adding the list "
+                                   "index node) changed the virtual index")
 
     def sync(self, store: Store) -> None:
         from .sync import SessionCrash, VirtualSyncError
@@ -405,7 +411,7 @@ class OurSessionEngine(SyncEngine):
         if self.vbox is None:
             raise DovecotError("ours-session: sync before start")
         try:
-            self.vbox.sync(drop_recent=True)  # type: ignore[attr-defined]
+            self.vbox.noop()  # type: ignore[attr-defined]
         except SessionCrash as exc:
             # where Dovecot's session dies, its engine logs in again: so do we
             self.notes.append(f"session crashed like 2.3.19.1 and logged in again: "
@@ -461,6 +467,16 @@ KEYWORDS = ("$Label1", "$Important", "kwA", "kwB", "NonJunk")
 _FLAG_BITS = {"\\Answered": b.MAIL_ANSWERED, "\\Flagged": b.MAIL_FLAGGED,
               "\\Deleted": b.MAIL_DELETED, "\\Seen": b.MAIL_SEEN, "\\Draft": b.MAIL_DRAFT}
 _SEARCH_RE = re.compile(r"^\* SEARCH((?: \d+)*)", re.IGNORECASE)
+
+
+def _index_files_state(directory: Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of a mailbox directory's index files."""
+    out = []
+    for name in ("dovecot.index", "dovecot.index.log", "dovecot.index.log.2"):
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(directory / name)
+            out.append((name, st.st_size, st.st_mtime_ns))
+    return out
 
 
 def _fmt_flags(flags: Sequence[str]) -> str:

@@ -199,6 +199,7 @@ class _Seen:
     modseqs: np.ndarray | None     # None: no modseq extension
     highest_modseq: int
     next_uid: int
+    index: Any = None              # the backend's map as of that sync (its box->view)
 
     @classmethod
     def of(cls, data: _Backend) -> _Seen:
@@ -208,7 +209,7 @@ class _Seen:
         return cls(data.uids.copy(), data.flags.copy(), codes.copy(),
                    [frozenset(n.lower() for n in names) for names in table],
                    data.modseqs() if has_modseq else None, data.raw_highest_modseq(),
-                   data.next_uid)
+                   data.next_uid, data.view.index)
 
 
 @dataclass
@@ -458,6 +459,7 @@ class VirtualMailbox:
         self._own_ranges: list[tuple[int, int, int]] = []
         self.boxes: dict[int, Any] = {}     # mailbox_id -> opened storage Mailbox
         self._session_view: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._sync_view_count = 0     # messages in the view while the last sync reported
 
     @classmethod
     def from_config(cls, config_path: str | os.PathLike[str], home: str | os.PathLike[str]
@@ -488,6 +490,8 @@ class VirtualMailbox:
             if node is None:
                 node = _list_index_has_node(self.directory)
             opens = 2 if listing and not node else 1
+        if not dry_run:
+            self.index.keep_open()      # mail_index_open: this process's descriptor
         for _ in range(max(1, opens)):
             self._open_once(dry_run)
         self.opened = True
@@ -598,20 +602,34 @@ class VirtualMailbox:
 
     def select(self) -> SyncReport:
         """What an IMAP ``SELECT`` does: open (once), the open-time sync with
-        ``DROP_RECENT``, then a lib-storage transaction commit on the mailbox, whose
-        ``index_pop3_uidl_update_exists_finish`` records ``hdr-pop3-uidl`` (max uid 0)
-        in a virtual index that has no messages and no such header yet."""
+        ``DROP_RECENT``, then the end of IMAP's sync (:meth:`_imap_sync_finish`)."""
         report = self.sync(drop_recent=True, full_read=True)
-        view = MailboxView(self.directory)
+        self._imap_sync_finish()
+        return report
+
+    def noop(self) -> SyncReport:
+        """What an IMAP ``NOOP`` in the selected (``DROP_RECENT``) mailbox does: a sync
+        without expunging non-matching messages, then the end of IMAP's sync."""
+        report = self.sync(drop_recent=True)
+        self._imap_sync_finish()
+        return report
+
+    def _imap_sync_finish(self) -> None:
+        """``imap_sync_finish`` commits the lib-storage transaction every IMAP sync
+        opens; its ``index_pop3_uidl_update_exists_finish`` records ``hdr-pop3-uidl``
+        (max uid 0) when the mailbox has no messages and no such header yet (it has then
+        seen the POP3 UIDL of every message: none). The transaction's view is the
+        mailbox view while the sync is reported: new messages are in it, the messages
+        this sync expunged are still in it (the view sync commits after it)."""
+        view = self.index.view()
         ext = view.index.ext("hdr-pop3-uidl")
-        if view.index.messages_count == 0 and (ext is None or ext.hdr_size < 4):
+        if self._sync_view_count == 0 and (ext is None or ext.hdr_size < 4):
             t = self.index.transaction(external=False)
             t.ext_register("hdr-pop3-uidl", 4, 0, 0)
             t.update_ext_header("hdr-pop3-uidl", 0, bytes(4))
             res = t.commit(write_index=False, rotate=False)
             if res.size:
                 self._own_ranges.append((res.log_file_seq, res.offset, res.end))
-        return report
 
     def _view_sync(self, *, report_expunges: bool) -> None:
         """S10 + S12 (``index_mailbox_sync_init``, ``virtual_sync_apply_existing_expunges``):
@@ -627,6 +645,8 @@ class VirtualMailbox:
         else:
             mids = reals = np.zeros(len(uids), U32)
         old = self._session_view
+        self._sync_view_count = len(uids) if old is None else \
+            len(uids) + int(np.count_nonzero(~np.isin(old[0], uids)))
         if report_expunges and old is not None:
             ouids, omids, oreals = old
             gone = ~np.isin(ouids, uids)
