@@ -601,11 +601,10 @@ class VirtualMailbox:
         return report
 
     def select(self) -> SyncReport:
-        """What an IMAP ``SELECT`` does: open (once), the open-time sync with
-        ``DROP_RECENT``, then the end of IMAP's sync (:meth:`_imap_sync_finish`)."""
-        report = self.sync(drop_recent=True, full_read=True)
-        self._imap_sync_finish()
-        return report
+        """What an IMAP ``SELECT`` does: open (once) and the open-time sync with
+        ``DROP_RECENT`` and ``FULL_READ`` (``select_open`` calls ``mailbox_sync``
+        directly: no IMAP sync transaction, so no ``hdr-pop3-uidl``, see :meth:`noop`)."""
+        return self.sync(drop_recent=True, full_read=True)
 
     def noop(self) -> SyncReport:
         """What an IMAP ``NOOP`` in the selected (``DROP_RECENT``) mailbox does: a sync
