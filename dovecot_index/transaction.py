@@ -1124,7 +1124,8 @@ class Transaction:
 
         # --- flags and keywords, in call order -------------------------------
         changes = _ChangeSet(base, base_existing, new_uids, append_flags,
-                             self.avoid_flag_updates)
+                             self.avoid_flag_updates,
+                             latest=index if base is not index else None)
         by_kw: dict[tuple[str, ...], list[int]] = {}
         for uid, kw in append_kw:  # an append's keywords: an add right after it
             if kw:
@@ -1643,8 +1644,10 @@ class SyncContext:
             # --- mail_index_sync_update_mailbox_offset -------------------------
             max_tail = self._tracking.max_tail
             tail_changed = False
+            sync_pos = 0
             if fully_synced:
                 offset = log.sync_offset  # the view's end: the head (we hold the lock)
+                sync_pos = offset
                 max_tail = max(max_tail, offset)  # set_mailbox_sync_pos
                 tail_changed = (int(h.log_file_seq) != seq
                                 or int(h.log_file_tail_offset) < offset) and (
@@ -1688,9 +1691,11 @@ class SyncContext:
                 truncated = 0
                 modseq = modseq_before
             # --- the map after the commit, rotation, index rewrite --------------
-            # the map's tail moves only by a tail record (replayed into the map); the
-            # sync position alone (max_tail_offset) does not make the index stale
-            map_tail = tail_value if tail_value else int(h.log_file_tail_offset)
+            # the map after the commit (mail_index_map(FILE)): its tail is the replayed
+            # one, moved by a tail record, and at least the log's max_tail_offset,
+            # which the sync position (the end of what the sync read) has moved
+            map_tail = max(int(h.log_file_tail_offset), tail_value,
+                           sync_pos)
             rotate_reason = None
             if rotate or (rotate is None and fully_synced):
                 rotate_reason = "forced" if rotate else want_rotate(
@@ -1773,8 +1778,12 @@ class _ChangeSet:
     """
 
     def __init__(self, index: IndexFile, existing: np.ndarray, new_uids: np.ndarray,
-                 append_flags: dict[int, int], avoid: bool) -> None:
+                 append_flags: dict[int, int], avoid: bool,
+                 latest: IndexFile | None = None) -> None:
         self.index = index
+        #: the index as it is now when ``index`` is an older view of it: keyword
+        #: changes are judged against it (``mail_index_transaction_lookup_latest_keywords``)
+        self.latest = latest
         self.existing = existing
         self.new_uids = new_uids
         self.append_flags = append_flags
@@ -1851,12 +1860,14 @@ class _ChangeSet:
                 if k < n_map:
                     present[:, j] = have[:, k]
             if self.avoid:  # keyword_update_has_changes
+                present, counts = self._latest_present(old, idxs, present,
+                                                       have.sum(axis=1))
                 if how == "add":
                     changed = ~present.all(axis=1)
                 elif how == "remove":
                     changed = present.any(axis=1)
                 else:
-                    changed = (have.sum(axis=1) != len(idxs)) | ~present.all(axis=1)
+                    changed = (counts != len(idxs)) | ~present.all(axis=1)
                 old, have = old[changed], have[changed]
         both = np.union1d(old, new).astype(np.uint32)
         if how == "replace":
@@ -1874,6 +1885,30 @@ class _ChangeSet:
                 self._set(self.kw_add, k, both, False)
                 if len(old):  # appended messages start without keywords
                     self._set(self.kw_rem, k, old, True)
+
+
+    def _latest_present(self, old: np.ndarray, idxs: list[int], present: np.ndarray,
+                        counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``present``/``counts`` with the rows of messages that still exist in
+        :attr:`latest` taken from there (the others keep the older view's)."""
+        if self.latest is None or not len(old):
+            return present, counts
+        luids = np.asarray(self.latest.records["uid"], np.uint32)
+        pos = np.searchsorted(luids, old)
+        ok = pos < len(luids)
+        ok[ok] = luids[pos[ok]] == old[ok]
+        if not ok.any():
+            return present, counts
+        present, counts = present.copy(), counts.copy()
+        matrix = self.latest.keyword_matrix()
+        columns = {n.lower(): i for i, n in enumerate(self.latest.keywords)}
+        rows = pos[ok]
+        for j, k in enumerate(idxs):
+            col = columns.get(self.kw_names[k].lower())
+            present[ok, j] = matrix[rows, col] if col is not None and \
+                col < matrix.shape[1] else False
+        counts[ok] = matrix[rows].sum(axis=1) if matrix.shape[1] else 0
+        return present, counts
 
 
 def _ext_has_changes(ch: _ExtChanges) -> bool:

@@ -47,6 +47,7 @@ import numpy as np
 from dovecot_index import binary as b
 from dovecot_index.errors import DovecotIndexError
 from dovecot_index.log_file import RecordKind
+from dovecot_index.storage.list_index import ListIndex, cached_status_usable
 from dovecot_index.transaction import MailboxIndex, SyncContext, Transaction
 from dovecot_index.view import MailboxView
 
@@ -200,6 +201,7 @@ class _Seen:
     highest_modseq: int
     next_uid: int
     index: Any = None              # the backend's map as of that sync (its box->view)
+    guid: bytes = b""              # its mailbox GUID then
 
     @classmethod
     def of(cls, data: _Backend) -> _Seen:
@@ -209,7 +211,7 @@ class _Seen:
         return cls(data.uids.copy(), data.flags.copy(), codes.copy(),
                    [frozenset(n.lower() for n in names) for names in table],
                    data.modseqs() if has_modseq else None, data.raw_highest_modseq(),
-                   data.next_uid, data.view.index)
+                   data.next_uid, data.view.index, data.guid)
 
 
 @dataclass
@@ -674,40 +676,9 @@ def _list_index_has_node(directory: Path) -> bool:
         if root.parent == root:
             return False
         root = root.parent
-    parts = directory.relative_to(root).parts
-    try:
-        view = MailboxView(root, "dovecot.list.index")
-    except (DovecotIndexError, OSError):
-        return False
-    ext = view.index.ext("list")
-    recs = view.index.records
-    if ext is None or "list" not in (recs.dtype.names or ()) or not recs.dtype["list"].shape:
-        return False
-    names: dict[int, bytes] = {}
-    data = bytes(ext.hdr_data)
-    pos = 1
-    while pos + 4 <= len(data):
-        name_id = int.from_bytes(data[pos:pos + 4], "little")
-        end = data.find(b"\0", pos + 4)
-        if name_id == 0 or end < 0:
-            break
-        names[name_id] = data[pos + 4:end]
-        pos = end + 1
-    nodes: dict[tuple[int, bytes], tuple[int, int]] = {}   # (parent, name) -> uid, uidv
-    for uid, cell in zip(recs["uid"].tolist(), recs["list"], strict=True):
-        raw = bytes(cell)
-        if len(raw) < 28:
-            return False
-        key = (int.from_bytes(raw[4:8], "little"),
-               names.get(int.from_bytes(raw[0:4], "little"), b""))
-        nodes[key] = (int(uid), int.from_bytes(raw[24:28], "little"))
-    parent = 0
-    for part in parts:
-        found = nodes.get((parent, os.fsencode(part)))
-        if found is None:
-            return False
-        parent = found[0]
-    return True
+    li = ListIndex.open(root)
+    return li is not None and li.node_row(list(directory.relative_to(root).parts)) \
+        is not None
 
 
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -825,7 +796,9 @@ class _Sync:
         push = self.pushes.pop(bk.mailbox_id, None)
         if self.dry_run:
             return
-        if push is not None:
+        if push is not None and push.transaction.mailbox.directory.is_dir():
+            # (a backend deleted since this process opened it takes the changes into
+            # its unlinked log: nothing of them remains on disk)
             push.transaction.commit()
         box = self.opened.get(bk.mailbox_id)
         if box is None:
@@ -935,6 +908,8 @@ class _Sync:
             if data is not None:
                 self.mailbox_box_update(bk)
                 self.backend_ext_header(bk, data)
+            else:
+                self.deleted_backend_ext_header(bk)
             return
         if bk.mailbox_id in self.opened:         # A1: already open: sync it first
             self.backend_storage_sync(bk)
@@ -947,6 +922,13 @@ class _Sync:
             self.state.ext_header_rewrite = True
         if self.mailbox_equals(bk, data):
             bk.path = "unchanged"
+            if bk.mailbox_id not in self.opened and not self.dry_run and \
+                    not cached_status_usable(data.box):
+                # mailbox_get_status could not answer from the mailbox list index, so
+                # it opened the backend: this process now has its view as it is now
+                # (later pushes use it; the next sync syncs the open box first)
+                self.opened[bk.mailbox_id] = data.box
+                bk.seen = _Seen.of(data)
             if not len(bk.uid_real):
                 self.handle_old_vmsgs(bk, None)
             return
@@ -1211,6 +1193,21 @@ class _Sync:
             "<IIQ", bk.sync_uid_validity, bk.sync_next_uid, bk.ondisk_highest_modseq)))
         self.hdr_updates.append((VIRTUAL_EXT2, 8 + 16 * k, bk.sync_guid))
         self.ext_header_changed = True
+
+    def deleted_backend_ext_header(self, bk: BackendBox) -> None:
+        """``virtual_sync_backend_ext_header`` after the backend of a long-lived session
+        was deleted under it: ``mailbox_get_open_status`` and the GUID lookup answer
+        from the session's last view of the backend, so its entry gets that view's
+        UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and GUID. (Dovecot 2.3.19.1 sometimes
+        writes uninitialised bytes as a deleted Maildir's GUID; not reproducible.)"""
+        seen = bk.seen
+        if seen is None or seen.index is None or self.dry_run or \
+                seen.guid == bytes(GUID_SIZE):
+            return
+        stale = _Backend(None, None, seen.uids, seen.flags,
+                         int(seen.index.header.uid_validity), seen.next_uid,
+                         max(1, seen.highest_modseq), seen.guid)
+        self.backend_ext_header(bk, stale)
 
     # ---------------------------------------------------------------------- S6 ---
     def map_uids(self) -> None:
