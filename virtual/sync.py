@@ -611,7 +611,15 @@ class VirtualMailbox:
     def noop(self) -> SyncReport:
         """What an IMAP ``NOOP`` in the selected (``DROP_RECENT``) mailbox does: a sync
         without expunging non-matching messages, then the end of IMAP's sync."""
-        report = self.sync(drop_recent=True)
+        try:
+            report = self.sync(drop_recent=True)
+        except VirtualSyncError:
+            if self.inconsistent and self._session_view is not None:
+                # the failed sync left the view as it was; IMAP still ends its sync
+                # (the transaction commit) before it disconnects the session
+                self._sync_view_count = len(self._session_view[0])
+                self._imap_sync_finish()
+            raise
         self._imap_sync_finish()
         return report
 
