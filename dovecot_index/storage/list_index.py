@@ -32,6 +32,7 @@ from ..errors import DovecotIndexError
 from ..view import MailboxView
 
 LIST_INDEX_NAME = "dovecot.list.index"
+_CACHE: dict[str, tuple[list[tuple[str, int, int, int]], ListIndex]] = {}
 
 
 class ListIndex:
@@ -70,15 +71,30 @@ class ListIndex:
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> ListIndex | None:
-        """The list index in ``directory`` (``None`` if it has none or cannot be read)."""
+        """The list index in ``directory`` (``None`` if it has none or cannot be read);
+        kept while its files do not change (every backend of a namespace asks)."""
         root = Path(directory)
-        if not (root / (LIST_INDEX_NAME + ".log")).exists() and \
-                not (root / LIST_INDEX_NAME).exists():
+        sig = []
+        for name in (LIST_INDEX_NAME, LIST_INDEX_NAME + ".log", LIST_INDEX_NAME + ".log.2"):
+            try:
+                st = os.stat(root / name)
+                sig.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                continue
+        if not any(name != LIST_INDEX_NAME + ".log.2" for name, *_ in sig):
             return None
+        key = os.fspath(root)
+        cached = _CACHE.get(key)
+        if cached is not None and cached[0] == sig:
+            return cached[1]
         try:
-            return cls(MailboxView(root, LIST_INDEX_NAME))
+            li = cls(MailboxView(root, LIST_INDEX_NAME))
         except (DovecotIndexError, OSError):
             return None
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        _CACHE[key] = (sig, li)
+        return li
 
     def _cells(self, ext: str, size: int) -> np.ndarray | None:
         """Every record's ``ext`` bytes as a (messages, size) uint8 array."""
