@@ -303,8 +303,12 @@ def test_pending_requests_are_renamed_and_unlinked(live_dovecot_factory: Any) ->
     result = differential(dc, tag="requests")
     assert result.partial and result.unlinked and result.renamed
     assert result.expunged == [3]
-    names = sorted(os.listdir(d / "cur"))
-    assert names[0].endswith(":2,FS") and names[1].endswith(":2,Sb")
+    # uid -> base name from dovecot-uidlist ("<uid> [ext...] :<base name>"); file name
+    # order is not uid order (the microsecond part has no fixed width)
+    by_uid = {int(line.split()[0]): line.split(":", 1)[1]
+              for line in (d / "dovecot-uidlist").read_text().splitlines()[1:]}
+    names = {name.split(":2,")[0]: name for name in os.listdir(d / "cur")}
+    assert names[by_uid[1]].endswith(":2,FS") and names[by_uid[2]].endswith(":2,Sb")
     assert (d / "dovecot-keywords").read_text() == "0 $Foo\n1 $Bar\n"
 
 
