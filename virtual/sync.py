@@ -1207,7 +1207,7 @@ class _Sync:
         was deleted under it: ``mailbox_get_open_status`` and the GUID lookup answer
         from the session's last view of the backend, so its entry gets that view's
         UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and GUID. (Dovecot 2.3.19.1 sometimes
-        writes uninitialised bytes as a deleted Maildir's GUID; not reproducible.)"""
+        writes uninitialised bytes as such a backend's GUID; not reproducible.)"""
         seen = bk.seen
         if seen is None or seen.index is None or self.dry_run or \
                 seen.guid == bytes(GUID_SIZE):
