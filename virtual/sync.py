@@ -47,7 +47,11 @@ import numpy as np
 from dovecot_index import binary as b
 from dovecot_index.errors import DovecotIndexError
 from dovecot_index.log_file import RecordKind
-from dovecot_index.storage.list_index import ListIndex, cached_status_usable
+from dovecot_index.storage.list_index import (
+    ListIndex,
+    cached_status,
+    cached_status_usable,
+)
 from dovecot_index.transaction import MailboxIndex, SyncContext, Transaction
 from dovecot_index.view import MailboxView
 
@@ -921,6 +925,8 @@ class _Sync:
             return
         if bk.mailbox_id in self.opened:         # A1: already open: sync it first
             self.backend_storage_sync(bk)
+        elif self.quick_check_from_list_index(bk):
+            return
         data = self.backend(bk)
         if data is None:
             self.backend_box_deleted(bk)
@@ -1073,6 +1079,32 @@ class _Sync:
         for mid in touched:
             bk = by_id[mid]
             bk.set_uid_map(bk.uid_real, bk.uid_virtual)
+
+    def quick_check_from_list_index(self, bk: BackendBox) -> bool:
+        """The quick check of a backend that is not open, answered from the mailbox
+        list index as Dovecot answers it (``index_list_get_cached_status``) without
+        reading the backend: ``True`` if that found it unchanged (the uid map is then
+        built from the virtual index alone)."""
+        from dovecot_index.storage import StorageError
+
+        if bk.sync_guid == bytes(GUID_SIZE):
+            return False                         # an upgrade: the full path handles it
+        try:
+            box = self.vbox.storage.mailbox(bk.name)
+        except StorageError:
+            return False
+        cached = cached_status(box)
+        if cached is None:
+            return False
+        empty = np.zeros(0, U32)
+        if not self.mailbox_equals(bk, _Backend(box, None, empty, empty.astype(np.uint8),
+                                                cached.uid_validity, cached.uid_next,
+                                                cached.highest_modseq, cached.guid)):
+            return False
+        bk.path = "unchanged"
+        if not len(bk.uid_real):
+            self.handle_old_vmsgs(bk, None)
+        return True
 
     @staticmethod
     def mailbox_equals(bk: BackendBox, data: _Backend) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,46 +147,62 @@ def list_index_dir(box: Any) -> Path | None:
     return Path(root)
 
 
+@dataclass(frozen=True)
+class CachedStatus:
+    """What the list index says of a mailbox (``STATUS`` items and the GUID)."""
+
+    uid_validity: int
+    uid_next: int
+    highest_modseq: int
+    guid: bytes
+
+
 def cached_status_usable(box: Any) -> bool:
     """Whether a process that has not opened ``box`` gets its UIDVALIDITY, UIDNEXT,
     HIGHESTMODSEQ (``index_list_get_cached_status``) and its GUID
     (``index_list_get_cached_guid``) from the list index, so that it does not open the
     mailbox; ``False`` means it opens it (the mailbox's index is then read as it is
     now)."""
+    return cached_status(box) is not None
+
+
+def cached_status(box: Any) -> CachedStatus | None:
+    """The list index's UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ and GUID of ``box`` when a
+    process may answer from them (see :func:`cached_status_usable`), else ``None``."""
     directory = list_index_dir(box)
     if directory is None:
-        return False
+        return None
     li = ListIndex.open(directory)
     if li is None or li.refresh_flag:
-        return False
+        return None
     row = li.node_row(box.storage_name.split(box.namespace.location.list_separator))
     if row is None:
-        return False
+        return None
     rec = li.u32s("list", row, 7)
     msgs = li.u32s("msgs", row, 4)
     hmodseq = li.hmodseq(row)
     guid = li.guid(row)
     if rec is None or rec[6] == 0 or msgs is None or msgs[3] == 0 or not hmodseq \
             or guid is None or guid == bytes(16):
-        return False
+        return None
     # index_storage_list_index_has_changed: the mailbox's log as the record saw it
     sync = li.u32s("index sync", row, 2)
     if sync is None or sync[0] == 0 or sync[1] == 0:
-        return False
+        return None
     try:
         st = os.stat(Path(box.index_dir) / "dovecot.index.log")
     except FileNotFoundError:
-        return False
+        return None
     if sync[0] != st.st_size & 0xFFFFFFFF or sync[1] != int(st.st_mtime) & 0xFFFFFFFF:
-        return False
+        return None
     if box.driver == "maildir":
         rec_m = li.u32s("maildir", row, 2)
         if rec_m is None or rec_m[0] == 0 or rec_m[1] == 0:
-            return False
+            return None
         for mtime, sub in zip(rec_m, ("new", "cur"), strict=True):
             try:
                 if mtime != int(os.stat(Path(box.path) / sub).st_mtime):
-                    return False
+                    return None
             except FileNotFoundError:
-                return False
-    return True
+                return None
+    return CachedStatus(rec[6], msgs[3], hmodseq, guid)
