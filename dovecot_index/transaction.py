@@ -268,10 +268,19 @@ def _local_day_start(when: float) -> int:
 
 
 # =================================================================== the mailbox ===
+def _index_position(raw: bytes) -> tuple[int, int] | None:
+    """``(log_file_seq, log_file_tail_offset)`` from the start of a ``dovecot.index``
+    (``None`` if it is shorter than a header)."""
+    if len(raw) < b.MAIL_INDEX_HEADER_MIN_SIZE:
+        return None
+    hdr = b.MailIndexHeader.parse(raw)
+    return int(hdr.log_file_seq), int(hdr.log_file_tail_offset)
+
+
 class MainIndexState:
     """What a process that keeps a mailbox open knows of ``dovecot.index`` (``struct
     mail_index``: ``fd``, ``main_index_hdr_log_file_seq`` / ``_tail_offset``,
-    ``reopen_main_index``, ``index_min_write``).
+    ``index_min_write``).
 
     The descriptor is the file as this process last opened it. Recreating the index
     (temp file + rename) leaves it on the replaced file, and ``mail_index_write`` only
@@ -287,7 +296,6 @@ class MainIndexState:
         self.fd: int | None = None
         self.seq = 0
         self.tail = 0
-        self.reopen_main_index = False
         self.index_min_write = False
         self.map_head: tuple[int, int] | None = None   # (seq, offset) the map was read to
         self.map_size = 0                              # header_size + records
@@ -301,10 +309,9 @@ class MainIndexState:
             self.fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return
-        raw = os.pread(self.fd, b.MAIL_INDEX_HEADER_MIN_SIZE, 0)
-        if len(raw) >= b.MAIL_INDEX_HEADER_MIN_SIZE:
-            hdr = b.MailIndexHeader.parse(raw)
-            self.seq, self.tail = int(hdr.log_file_seq), int(hdr.log_file_tail_offset)
+        pos = _index_position(os.pread(self.fd, b.MAIL_INDEX_HEADER_MIN_SIZE, 0))
+        if pos is not None:
+            self.seq, self.tail = pos
 
     def close(self) -> None:
         if self.fd is not None:
@@ -318,13 +325,12 @@ class MainIndexState:
     def map_refresh(self, log_seq: int, log_size: int, log_prev_seq: int) -> None:
         """``mail_index_map`` at a sync's begin: reopen if asked to, or if the log grew
         more since the map's head than the index is large."""
-        reopen = self.reopen_main_index or self.map_head is None
+        reopen = self.map_head is None
         if not reopen:
             size = 2048 if self.fd is None and log_prev_seq != 0 else self.map_size
             start = self.map_head[1] if self.map_head[0] == log_seq else 0
             reopen = log_size > start and log_size - start > size
         if reopen:
-            self.reopen_main_index = False
             self.open()
 
     def position(self) -> tuple[int, int] | None:
@@ -1495,13 +1501,9 @@ class SyncContext:
         disk (``main_index_hdr_log_file_*``), ``None`` without one."""
         try:
             with open(self.mailbox.index_path, "rb") as f:
-                raw = f.read(b.MAIL_INDEX_HEADER_MIN_SIZE)
+                return _index_position(f.read(b.MAIL_INDEX_HEADER_MIN_SIZE))
         except FileNotFoundError:
             return None
-        if len(raw) < b.MAIL_INDEX_HEADER_MIN_SIZE:
-            return None
-        hdr = b.MailIndexHeader.parse(raw)
-        return int(hdr.log_file_seq), int(hdr.log_file_tail_offset)
 
     def _scan(self) -> None:
         """``mail_index_sync_read_and_sort`` over the head log (read through the locked
@@ -1705,7 +1707,7 @@ class SyncContext:
             if write_index or write_index is None:
                 index_reason = "asked" if write_index else self._want_index_write(
                     seq, map_tail)
-            rotated = index_written = False
+            rotated = index_written = reopened = False
             mi = mbox.main_index
             if rotate_reason or index_reason:
                 # mail_index_write: a rotation always rewrites; otherwise only if this
@@ -1719,16 +1721,11 @@ class SyncContext:
                         mbox._write_index_locked(log, post, True)
                     index_written = True
                 else:
-                    mi.reopen_main_index = True
+                    # reopen_main_index: the map refresh that ends the sync
+                    # (mail_index_map after the commit) reopens the index at once
+                    mi.open()
+                    reopened = True
             new_seq = int(log.header.file_seq)
-            if mi is not None and mi.reopen_main_index:
-                # the map refresh that ends the sync (mail_index_map after the commit)
-                # reopens the index at once
-                mi.reopen_main_index = False
-                mi.open()
-                reopened = True
-            else:
-                reopened = False
             if mi is not None:
                 if rotate_reason or index_reason:
                     mi.index_min_write = False
