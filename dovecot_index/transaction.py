@@ -725,8 +725,10 @@ class Transaction:
         #: older view: its changes to messages that have gone since are still written
         self.changes_view: IndexFile | None = None
         self._ops: list[tuple[Any, ...]] = []
-        self._appends: list[tuple[int | None, int, tuple[str, ...]]] = []
-        self._append_uids: set[int] = set()
+        #: append calls in order: (explicit uids or None, count, flags, keywords)
+        self._appends: list[tuple[np.ndarray | None, int, int, tuple[str, ...]]] = []
+        #: every explicit append uid so far, sorted (duplicate check)
+        self._append_uids = np.zeros(0, np.int64)
         self._pre_hdr = bytearray(_BASE_HEADER_SIZE)
         self._pre_mask = bytearray(_BASE_HEADER_SIZE)
         self._post_hdr = bytearray(_BASE_HEADER_SIZE)
@@ -784,24 +786,28 @@ class Transaction:
         if count is not None:
             if uids is not None:
                 raise ValueError("give uids or count, not both")
-            for _ in range(count):
-                self._appends.append((None, flags, kw))
+            if count > 0:
+                self._appends.append((None, count, flags, kw))
             return
         if uids is None:
             raise ValueError("append needs uids or count")
-        arr = np.atleast_1d(np.asarray(uids, dtype=np.int64))
-        if len(arr) and (int(arr.min()) <= 0 or int(arr.max()) >= 0xFFFFFFFF):
+        arr = np.atleast_1d(np.asarray(uids, dtype=np.int64)).copy()
+        if not len(arr):
+            return
+        if int(arr.min()) <= 0 or int(arr.max()) >= 0xFFFFFFFF:
             bad = arr[(arr <= 0) | (arr >= 0xFFFFFFFF)][0]
             raise ValueError(f"invalid uid {int(bad)}")
-        listed = arr.tolist()
-        if len(set(listed)) != len(listed) or not self._append_uids.isdisjoint(listed):
-            seen = set(self._append_uids)
-            for uid in listed:
-                if uid in seen:
-                    raise ValueError(f"duplicate UID {uid} appended in transaction")
-                seen.add(uid)
-        self._append_uids.update(listed)
-        self._appends.extend((uid, flags, kw) for uid in listed)
+        new = np.sort(arr)
+        have = self._append_uids
+        dup = new[1:][new[1:] == new[:-1]]
+        if len(have):
+            pos = np.minimum(np.searchsorted(have, new), len(have) - 1)
+            dup = np.concatenate([dup, new[have[pos] == new]])
+        if len(dup):
+            raise ValueError(f"duplicate UID {int(dup.min())} appended in transaction")
+        self._append_uids = np.concatenate([have, new]) if not len(have) or \
+            new[0] > have[-1] else np.sort(np.concatenate([have, new]))
+        self._appends.append((arr, len(arr), flags, kw))
 
     # ----------------------------------------------------------------- flags ---
     def update_flags(self, uids: Iterable[int] | int, *, add: int = 0, remove: int = 0,
@@ -1107,37 +1113,45 @@ class Transaction:
             np.asarray(base.records["uid"], dtype=np.uint32)
 
         # --- appends (sorted, UIDs assigned) ---------------------------------
-        explicit = sorted(u for u, _, _ in self._appends if u is not None)
-        if explicit and explicit[0] < next_uid:
+        explicit = self._append_uids
+        if len(explicit) and explicit[0] < next_uid:
             raise IndexWriteError(str(self.mailbox.index_path),
-                                  f"append UID {explicit[0]} < next_uid {next_uid}")
-        auto_next = max([next_uid] + [u + 1 for u in explicit])
-        append_flags: dict[int, int] = {}
-        append_kw: list[tuple[int, tuple[str, ...]]] = []
-        for uid, fl, kw in self._appends:
-            if uid is None:
-                uid = auto_next
-                auto_next += 1
-            append_flags[uid] = fl
-            append_kw.append((uid, kw))
-        appended = sorted(append_flags)
+                                  f"append UID {int(explicit[0])} < next_uid {next_uid}")
+        auto_next = max(next_uid, int(explicit[-1]) + 1 if len(explicit) else 0)
+        uid_parts: list[np.ndarray] = []
+        flag_parts: list[np.ndarray] = []
+        # an append's keywords: an add right after it, grouped by name tuple in first-use
+        # order (the same first-use order of names)
+        by_kw: dict[tuple[str, ...], list[np.ndarray]] = {}
+        for a_uids, a_count, fl, kw in self._appends:
+            if a_uids is None:         # numbered at commit, after every explicit uid
+                a_uids = np.arange(auto_next, auto_next + a_count, dtype=np.int64)
+                auto_next += a_count
+            uid_parts.append(a_uids)
+            flag_parts.append(np.full(len(a_uids), fl, np.uint8))
+            if kw:
+                by_kw.setdefault(kw, []).append(a_uids)
+        if uid_parts:
+            all_uids = np.concatenate(uid_parts)
+            order = np.argsort(all_uids, kind="stable")
+            new_uids = all_uids[order].astype(np.uint32)
+            new_flags = np.concatenate(flag_parts)[order]
+        else:
+            new_uids, new_flags = np.zeros(0, np.uint32), np.zeros(0, np.uint8)
+        appended = new_uids.tolist()
         if appended and int(hdr.uid_validity) == 0 and not any(
                 self._pre_mask[_UID_VALIDITY:_UID_VALIDITY + 4]):
             raise IndexWriteError(str(self.mailbox.index_path),
                                   "appending to an index without UIDVALIDITY: call "
                                   "set_uid_validity() first")
-        new_uids = np.asarray(appended, dtype=np.uint32)
 
         # --- flags and keywords, in call order -------------------------------
-        changes = _ChangeSet(base, base_existing, new_uids, append_flags,
+        changes = _ChangeSet(base, base_existing, new_uids, new_flags,
                              self.avoid_flag_updates,
                              latest=index if base is not index else None)
-        by_kw: dict[tuple[str, ...], list[int]] = {}
-        for uid, kw in append_kw:  # an append's keywords: an add right after it
-            if kw:
-                by_kw.setdefault(kw, []).append(uid)
-        for kw, kw_uids in by_kw.items():  # (grouped: same first-use order of names)
-            changes.keywords(np.asarray(sorted(kw_uids), np.uint32), kw, "add")
+        for kw, kw_parts in by_kw.items():
+            changes.keywords(np.sort(np.concatenate(kw_parts)).astype(np.uint32), kw,
+                             "add")
         for op in self._ops:
             if op[0] == "flags":
                 changes.flags(op[1], op[2], op[3], op[4])
@@ -1171,8 +1185,8 @@ class Transaction:
         if appended:
             items = np.zeros(len(appended), np.dtype([("uid", "<u4"), ("flags", "u1"),
                                                       ("pad", "u1", (3,))]))
-            items["uid"] = appended
-            items["flags"] = [append_flags[uid] for uid in appended]
+            items["uid"] = new_uids
+            items["flags"] = changes.new_flags
             records.append((RecordKind.APPEND, items.tobytes()))
         # --- flag updates -----------------------------------------------------
         if len(fu_uids):
@@ -1223,7 +1237,7 @@ class Transaction:
         # --- expunges ---------------------------------------------------------
         exp_all = np.fromiter(sorted(self._expunges), np.int64, len(self._expunges))
         exp = exp_all[np.isin(exp_all, base_existing)].tolist()
-        if any(uid in append_flags for uid in self._expunges):
+        if len(exp_all) and np.isin(exp_all, new_uids).any():
             raise ValueError("cannot expunge a message appended in the same transaction")
         if exp:
             records.append((RecordKind.EXPUNGE_GUID, b"".join(
@@ -1417,9 +1431,9 @@ def _transaction_next_uid(t: Transaction, hdr: Container) -> int:
     transaction's appends that have UIDs (appends numbered at commit do not count) and
     by a ``next_uid`` header change."""
     next_uid = int(hdr.next_uid)
-    explicit = [uid for uid, _, _ in t._appends if uid is not None]
-    if explicit and next_uid <= max(explicit):
-        next_uid = max(explicit) + 1
+    explicit = t._append_uids
+    if len(explicit) and next_uid <= int(explicit[-1]):
+        next_uid = int(explicit[-1]) + 1
     for buf, mask in ((t._post_hdr, t._post_mask), (t._pre_hdr, t._pre_mask)):
         if mask[_NEXT_UID]:
             next_uid = max(next_uid, _U32.unpack_from(buf, _NEXT_UID)[0])
@@ -1775,7 +1789,7 @@ class _ChangeSet:
     """
 
     def __init__(self, index: IndexFile, existing: np.ndarray, new_uids: np.ndarray,
-                 append_flags: dict[int, int], avoid: bool,
+                 new_flags: np.ndarray, avoid: bool,
                  latest: IndexFile | None = None) -> None:
         self.index = index
         #: the index as it is now when ``index`` is an older view of it: keyword
@@ -1783,7 +1797,8 @@ class _ChangeSet:
         self.latest = latest
         self.existing = existing
         self.new_uids = new_uids
-        self.append_flags = append_flags
+        #: the appended messages' flags (aligned with ``new_uids``), changed in place
+        self.new_flags = new_flags
         self.avoid = avoid
         self.fu_uids = np.zeros(0, np.uint32)
         self.fu_add = np.zeros(0, np.uint16)
@@ -1816,9 +1831,11 @@ class _ChangeSet:
 
     def flags(self, u: np.ndarray, add: int, remove: int, how: str) -> None:
         old, new = self._split(u)
-        for uid in new.tolist():  # appended messages are changed directly
-            f = self.append_flags[uid]
-            self.append_flags[uid] = (add if how == "replace" else (f | add) & ~remove) & 0xFF
+        if len(new):  # appended messages are changed directly
+            pos = np.searchsorted(self.new_uids, new)
+            f = self.new_flags[pos]
+            self.new_flags[pos] = (np.uint8(add & 0xFF) if how == "replace" else
+                                   (f | np.uint8(add & 0xFF)) & np.uint8(~remove & 0xFF))
         if not len(old):
             return
         merged = np.union1d(self.fu_uids, old).astype(np.uint32)

@@ -38,9 +38,10 @@ import os
 import struct
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -138,10 +139,10 @@ class _Backend:
                 self._kw_codes = (codes.reshape(-1).astype(np.int64), table)
         return self._kw_codes
 
-    def received_dates_at(self, pos: np.ndarray) -> np.ndarray:
-        """INTERNALDATE of the messages at 0-based positions ``pos``: the cache's
-        ``date.received``, else the storage's own source (sdbox metadata ``R``, Maildir
-        as the storage layer reads it); 0 where there is none."""
+    def cached_received_dates_at(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """INTERNALDATE of the messages at 0-based positions ``pos`` as far as the
+        cache's ``date.received`` knows it, and the indexes into ``pos`` it does not
+        know (0 there)."""
         out = np.zeros(len(pos), np.int64)
         missing = np.ones(len(pos), bool)
         cached = self.box._cached_fixed("date.received") if len(pos) else None
@@ -150,18 +151,13 @@ class _Backend:
             vals = np.ma.getdata(cached)[pos]
             out[~mask] = vals[~mask]
             missing = mask
-        todo = np.flatnonzero(missing)
-        if not len(todo):
-            return out
-        if self.box.driver == "sdbox":
-            sel = pos[todo]
-            vals_list = self.box.received_dates(self.uids[sel].tolist(),
-                                                self.flags[sel].tolist())
-        else:
-            dates = self.received_dates()
-            vals_list = dates[pos[todo]].tolist()
-        out[todo] = vals_list
-        return out
+        return out, np.flatnonzero(missing)
+
+    def received_dates_at(self, pos: np.ndarray) -> np.ndarray:
+        """INTERNALDATE of the messages at 0-based positions ``pos``: the cache's
+        ``date.received``, else the storage's own source (sdbox metadata ``R``, Maildir
+        as the storage layer reads it); 0 where there is none."""
+        return received_dates_of([(self, pos)])[0]
 
     def modseqs(self) -> np.ndarray:
         """Per-message modseq (``mail_index_modseq_lookup``): 0 or no ``modseq``
@@ -190,6 +186,31 @@ class _Backend:
                 dates[i] = msg.received_date or 0
             self._dates = dates
         return self._dates
+
+
+def received_dates_of(wanted: list[tuple[_Backend, np.ndarray]]) -> list[np.ndarray]:
+    """:meth:`_Backend.received_dates_at` of several backends at once: the sdbox files
+    of all of them are read in one batch (one set of worker processes)."""
+    out: list[np.ndarray] = []
+    sdbox: list[tuple[int, np.ndarray, _Backend, np.ndarray]] = []
+    for data, pos in wanted:
+        dates, todo = data.cached_received_dates_at(pos)
+        out.append(dates)
+        if not len(todo):
+            continue
+        if data.box.driver == "sdbox":
+            sdbox.append((len(out) - 1, todo, data, pos[todo]))
+        else:
+            dates[todo] = data.received_dates()[pos[todo]]
+    if sdbox:
+        from dovecot_index.storage.sdbox import received_dates_batch
+
+        read = received_dates_batch([(data.box, data.uids[sel].tolist(),
+                                      data.flags[sel].tolist())
+                                     for _k, _t, data, sel in sdbox])
+        for (k, todo, _data, _sel), dates in zip(sdbox, read, strict=True):
+            out[k][todo] = dates
+    return out
 
 
 @dataclass
@@ -258,6 +279,46 @@ class BackendBox:
         self.uid_virtual = np.asarray(virtual, U32)[order]
 
 
+class AppendedMessages(Sequence[tuple[int, int, int]]):
+    """The messages a sync appended, as ``(virtual uid, mailbox_id, real_uid)``
+    tuples, kept as three arrays (a first sync appends millions)."""
+
+    def __init__(self, uids: np.ndarray | None = None, mailbox_ids: np.ndarray | None = None,
+                 real_uids: np.ndarray | None = None) -> None:
+        empty = np.zeros(0, np.int64)
+        self.uids = np.asarray(uids if uids is not None else empty, np.int64)
+        self.mailbox_ids = np.asarray(mailbox_ids if mailbox_ids is not None else empty,
+                                      np.int64)
+        self.real_uids = np.asarray(real_uids if real_uids is not None else empty,
+                                    np.int64)
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, int, int]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[tuple[int, int, int]]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return list(zip(self.uids[i].tolist(), self.mailbox_ids[i].tolist(),
+                            self.real_uids[i].tolist(), strict=True))
+        return (int(self.uids[i]), int(self.mailbox_ids[i]), int(self.real_uids[i]))
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter(self[:])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"AppendedMessages({len(self)} messages)"
+
+
 @dataclass
 class SyncReport:
     """What one :meth:`VirtualMailbox.sync` did (or, with ``dry_run``, would do)."""
@@ -265,7 +326,7 @@ class SyncReport:
     mailbox: str
     directory: str
     dry_run: bool
-    appended: list[tuple[int, int, int]] = field(default_factory=list)  # vuid, id, real
+    appended: AppendedMessages = field(default_factory=AppendedMessages)
     expunged: list[int] = field(default_factory=list)
     flag_copies: int = 0
     header: str | None = None            # "rewrite", "update" or None
@@ -691,6 +752,13 @@ def _list_index_has_node(directory: Path) -> bool:
     li = ListIndex.open(root)
     return li is not None and li.node_row(list(directory.relative_to(root).parts)) \
         is not None
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """``np.unique`` of an already sorted array."""
+    if len(a) < 2:
+        return a
+    return a[np.r_[True, a[1:] != a[:-1]]]
 
 
 def _positions(haystack: np.ndarray, needles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1336,14 +1404,17 @@ class _Sync:
         by_id = {bk.mailbox_id: bk for bk in self.vbox.backends}
         if mids[0] != mids[-1]:
             dates = np.zeros(len(mids), np.int64)
+            wanted: list[tuple[_Backend, np.ndarray]] = []
+            where: list[np.ndarray] = []
             for mid in np.unique(mids).tolist():
-                sel = mids == mid
+                sel = np.flatnonzero(mids == mid)
                 data = self.backend(by_id[mid])
                 if data is None:
                     continue
                 pos, ok = data.seqs_of(reals[sel])
-                d = np.zeros(int(sel.sum()), np.int64)
-                d[ok] = data.received_dates_at(pos[ok])
+                wanted.append((data, pos[ok]))
+                where.append(sel[ok])
+            for sel, d in zip(where, received_dates_of(wanted), strict=True):
                 dates[sel] = d
             order = np.lexsort((reals, dates))
             mids, reals = mids[order], reals[order]
@@ -1367,8 +1438,7 @@ class _Sync:
         recs["mailbox_id"], recs["real_uid"] = mids, reals
         self.t.update_ext_records(VIRTUAL_EXT, new_uids, recs)
         self.copies.append((new_uids.astype(U32), flags, kw))
-        self.report.appended = list(zip(new_uids.tolist(), mids.tolist(), reals.tolist(),
-                                        strict=True))
+        self.report.appended = AppendedMessages(new_uids, mids, reals)
         self.vbox.sync_virtual_next_uid = next_uid + len(mids)
 
     # ---------------------------------------------------------------------- S8 ---
@@ -1409,9 +1479,9 @@ class _Sync:
         all_v = np.concatenate([c[0] for c in self.copies])
         all_f = np.concatenate([c[1] for c in self.copies]).astype(np.uint16)
         all_g = np.concatenate([c[2] for c in self.copies])
-        appended = np.fromiter((uid for uid, _, _ in self.report.appended), np.int64,
-                               len(self.report.appended))
-        existing = ~np.isin(all_v, appended)
+        appended = self.report.appended.uids
+        # the appended uids are one range from the old next_uid on
+        existing = all_v < appended[0] if len(appended) else np.ones(len(all_v), bool)
         # the virtual messages as they are now
         vpos = np.searchsorted(self.vuids, all_v)
         vpos[~existing] = 0
@@ -1428,7 +1498,7 @@ class _Sync:
         bounds = np.flatnonzero(np.r_[True, ef[1:] != ef[:-1]]) if len(ef) else []
         for i, start in enumerate(list(bounds)):
             end = bounds[i + 1] if i + 1 < len(bounds) else len(ef)
-            self.t.update_flags(np.unique(ev[start:end]), replace=int(ef[start]))
+            self.t.update_flags(_sorted_unique(ev[start:end]), replace=int(ef[start]))
         self.report.flag_copies = len(np.unique(ev))
         table = list(self.kw_table)                  # code -> name tuple
         keep = ~kw_same
@@ -1443,10 +1513,10 @@ class _Sync:
         for code in codes[np.argsort(first, kind="stable")].tolist():
             names = table[code]
             a, z = by_code[code]
-            vs = np.unique(kv[a:z])
+            vs = _sorted_unique(kv[a:z])
             if not names and not len(vs):
                 continue
-            if not names and not np.isin(vs, appended, invert=True).any():
+            if not names and (not len(appended) or not (vs < appended[0]).any()):
                 continue                             # new messages start without any
             self.t.replace_keywords(vs, names)       # (no uids: registers the names)
 
