@@ -667,6 +667,53 @@ def _counters(view: MailboxView, fr: Framed, r0: int, r1: int, uids: np.ndarray,
     ev_rem = np.concatenate([np.zeros(na, np.int64), fm, np.zeros(len(ex_p), np.int64)])
     if len(ev_p) == 0:
         return
+    if not len(fp) and not len(ex_p) and (na < 2 or bool(np.all(np.diff(a_owner) >= 0))):
+        # appends only, already in log order: each is a new message with its own flags
+        after = flags0[ev_p].astype(np.int64)
+        before = np.zeros(na, np.int64)
+    else:
+        after, before, ev_p, ev_r, ev_t = _flag_transitions(
+            flags0, ev_p, ev_r, ev_k, ev_t, ev_add, ev_rem)
+    seen_d = ((after & b.MAIL_SEEN) != 0).astype(np.int64) - \
+        ((before & b.MAIL_SEEN) != 0).astype(np.int64)
+    del_d = ((after & b.MAIL_DELETED) != 0).astype(np.int64) - \
+        ((before & b.MAIL_DELETED) != 0).astype(np.int64)
+    msg_d = np.where(ev_t == 0, 1, np.where(ev_t == 2, -1, 0))
+    seen = int(h.seen_messages_count) + np.cumsum(seen_d)
+    deleted = int(h.deleted_messages_count) + np.cumsum(del_d)
+    msgs = int(h.messages_count) + np.cumsum(msg_d)
+    if np.any(seen < 0) or np.any(seen > msgs) or np.any(deleted < 0) or \
+            np.any(deleted > msgs):
+        raise NeedReference("counters")
+    ev_uid = uids[ev_p]
+    # next_uid in force at each event: an append moves it before its counts change
+    nxt = np.where(ev_t == 0, ev_uid + 1, rec_next[ev_r - r0])
+    # Seen lowwater: reset to next_uid when the last unseen message became seen
+    trig_s = np.flatnonzero((seen_d > 0) & (seen == msgs))
+    trig_d = np.flatnonzero((del_d < 0) & (deleted == 0))
+    lower_s = (ev_t != 2) & ((after & b.MAIL_SEEN) == 0)
+    lower_d = (ev_t != 2) & ((after & b.MAIL_DELETED) != 0)
+    for trig, lower, field in ((trig_s, lower_s, "first_unseen_uid_lowwater"),
+                               (trig_d, lower_d, "first_deleted_uid_lowwater")):
+        lw = int(h[field])
+        begin = 0
+        if len(trig):
+            t = int(trig[-1])
+            lw = int(nxt[t])
+            begin = t + 1
+        cand = ev_uid[begin:][lower[begin:]]
+        if len(cand):
+            lw = min(lw, int(cand.min()))
+        h[field] = lw
+    h.seen_messages_count = int(seen[-1])
+    h.deleted_messages_count = int(deleted[-1])
+
+
+def _flag_transitions(flags0: np.ndarray, ev_p: np.ndarray, ev_r: np.ndarray,
+                      ev_k: np.ndarray, ev_t: np.ndarray, ev_add: np.ndarray,
+                      ev_rem: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Events sorted into log order, and each event's message flags (Seen/Deleted
+    bits) after and before it: ``(after, before, ev_p, ev_r, ev_t)``."""
     order = np.lexsort((ev_p, ev_k, ev_r))
     ev_p, ev_r, ev_t = ev_p[order], ev_r[order], ev_t[order]
     ev_add, ev_rem = ev_add[order], ev_rem[order]
@@ -706,36 +753,4 @@ def _counters(view: MailboxView, fr: Framed, r0: int, r1: int, uids: np.ndarray,
     fl[by_msg] = cur_after
     before[by_msg] = prev_after
     after = fl
-    seen_d = ((after & b.MAIL_SEEN) != 0).astype(np.int64) - \
-        ((before & b.MAIL_SEEN) != 0).astype(np.int64)
-    del_d = ((after & b.MAIL_DELETED) != 0).astype(np.int64) - \
-        ((before & b.MAIL_DELETED) != 0).astype(np.int64)
-    msg_d = np.where(ev_t == 0, 1, np.where(ev_t == 2, -1, 0))
-    seen = int(h.seen_messages_count) + np.cumsum(seen_d)
-    deleted = int(h.deleted_messages_count) + np.cumsum(del_d)
-    msgs = int(h.messages_count) + np.cumsum(msg_d)
-    if np.any(seen < 0) or np.any(seen > msgs) or np.any(deleted < 0) or \
-            np.any(deleted > msgs):
-        raise NeedReference("counters")
-    ev_uid = uids[ev_p]
-    # next_uid in force at each event: an append moves it before its counts change
-    nxt = np.where(ev_t == 0, ev_uid + 1, rec_next[ev_r - r0])
-    # Seen lowwater: reset to next_uid when the last unseen message became seen
-    trig_s = np.flatnonzero((seen_d > 0) & (seen == msgs))
-    trig_d = np.flatnonzero((del_d < 0) & (deleted == 0))
-    lower_s = (ev_t != 2) & ((after & b.MAIL_SEEN) == 0)
-    lower_d = (ev_t != 2) & ((after & b.MAIL_DELETED) != 0)
-    for trig, lower, field in ((trig_s, lower_s, "first_unseen_uid_lowwater"),
-                               (trig_d, lower_d, "first_deleted_uid_lowwater")):
-        lw = int(h[field])
-        begin = 0
-        if len(trig):
-            t = int(trig[-1])
-            lw = int(nxt[t])
-            begin = t + 1
-        cand = ev_uid[begin:][lower[begin:]]
-        if len(cand):
-            lw = min(lw, int(cand.min()))
-        h[field] = lw
-    h.seen_messages_count = int(seen[-1])
-    h.deleted_messages_count = int(deleted[-1])
+    return after, before, ev_p, ev_r, ev_t
