@@ -21,6 +21,7 @@ Mirrors Dovecot 2.3.19.1:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,6 +250,7 @@ _TAIL_READ = 512
 #: (directory, ALT directory, uids, flags) per request, set before the worker
 #: processes are forked (they inherit it instead of receiving it pickled)
 _BATCH: list[tuple[str, str | None, Sequence[int], Sequence[int]]] = []
+_BATCH_LOCK = threading.Lock()
 
 
 def received_dates_batch(requests: Sequence[tuple[SdboxMailbox, Sequence[int],
@@ -288,16 +290,17 @@ def received_dates_batch(requests: Sequence[tuple[SdboxMailbox, Sequence[int],
                 parts.append([])
                 room = step
     parts = [p for p in parts if p]
-    _BATCH = jobs
-    try:
-        import multiprocessing
+    import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            done = pool.map(_received_dates_part, parts, chunksize=1)
-    except OSError:
-        return [_received_dates_in(*job) for job in jobs]
-    finally:
-        _BATCH = []
+    with _BATCH_LOCK:            # (one batch at a time: the workers read the global)
+        _BATCH = jobs
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                done = pool.map(_received_dates_part, parts, chunksize=1)
+        except OSError:
+            return [_received_dates_in(*job) for job in jobs]
+        finally:
+            _BATCH = []
     out: list[list[int]] = [[] for _ in jobs]
     for part, dates in zip(parts, done, strict=True):
         pos = 0
