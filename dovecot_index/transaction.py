@@ -216,14 +216,17 @@ def _uids(values: Iterable[int] | np.ndarray | int) -> np.ndarray:
     return np.unique(arr).astype(np.uint32)
 
 
-def _runs(uids: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique UIDs as ``(uid1, uid2)`` runs of consecutive values."""
+def _runs(uids: np.ndarray) -> bytes:
+    """Sorted unique UIDs as ``{uid1, uid2}`` pairs (``<II``) of runs of consecutive
+    values."""
     if len(uids) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(uids.astype(np.int64)) != 1)
-    starts = np.concatenate(([0], breaks + 1))
-    ends = np.concatenate((breaks, [len(uids) - 1]))
-    return [(int(uids[s]), int(uids[e])) for s, e in zip(starts, ends, strict=True)]
+        return b""
+    u = np.asarray(uids, np.int64)
+    breaks = np.flatnonzero(np.diff(u) != 1)
+    pairs = np.empty((len(breaks) + 1, 2), "<u4")
+    pairs[:, 0] = u[np.concatenate(([0], breaks + 1))]
+    pairs[:, 1] = u[np.concatenate((breaks, [len(u) - 1]))]
+    return pairs.tobytes()
 
 
 def _pad4(data: bytes) -> bytes:
@@ -1224,7 +1227,7 @@ class Transaction:
                     continue
                 raw = name.encode("utf-8", "surrogateescape")
                 head = _pad4(struct.pack("<BBH", modify, 0, len(raw)) + raw)
-                pairs = b"".join(struct.pack("<II", a, z) for a, z in _runs(s))
+                pairs = _runs(s)
                 records.append((RecordKind.KEYWORD_UPDATE, head + pairs))
         # --- modseq updates ---------------------------------------------------
         mods = [(uid, m) for uid, m in self._modseq_updates

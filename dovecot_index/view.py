@@ -304,8 +304,12 @@ class MailboxView:
         hi = np.searchsorted(uids, ranges["uid2"], side="right")
         if len(lo) == 0:
             return np.zeros(0, np.intp)
-        return np.unique(np.concatenate([np.arange(a, z) for a, z in zip(lo, hi,
-                                                                          strict=True)]))
+        # positions covered by at least one non-empty [lo, hi): +1 at each start, -1
+        # at each end
+        keep = hi > lo
+        n = len(uids) + 1
+        cover = np.bincount(lo[keep], minlength=n) - np.bincount(hi[keep], minlength=n)
+        return np.flatnonzero(np.cumsum(cover[:-1]) > 0)
 
     def _set_message_modseq(self, pos: np.ndarray, modseq: int) -> None:
         if self.state.modseq_active and "modseq" in (self.index.records.dtype.names or ()) \
