@@ -256,11 +256,12 @@ _BATCH_LOCK = threading.Lock()
 def received_dates_batch(requests: Sequence[tuple[SdboxMailbox, Sequence[int],
                                                   Sequence[int]]]) -> list[list[int]]:
     """``R`` of the ``u.<uid>`` files of several mailboxes, one list per ``(mailbox,
-    uids, index record flags)`` request: reads only the tail of each file (where the
-    metadata block is; a file whose metadata does not fit the tail is parsed whole),
-    through a directory descriptor. Large batches are split evenly over forked worker
-    processes (the cost is system calls under the interpreter lock: threads would
-    not run them in parallel)."""
+    uids, index record flags)`` request, 0 where a file is gone or has none. Each file
+    is opened through a directory descriptor; one up to :data:`_HEAD_READ` bytes is
+    read whole in one call, a larger one by its tail (where the metadata block is; if
+    the block does not fit the tail, the file is parsed whole). Large batches are
+    split over forked worker processes (the cost is system calls under the interpreter
+    lock: threads would not run them in parallel)."""
     global _BATCH
     jobs = [(os.fspath(box.path), os.fspath(box.alt_path) if box.alt_path is not None
              else None, list(map(int, uids)), list(map(int, flags)))
