@@ -153,12 +153,6 @@ class _Backend:
             missing = mask
         return out, np.flatnonzero(missing)
 
-    def received_dates_at(self, pos: np.ndarray) -> np.ndarray:
-        """INTERNALDATE of the messages at 0-based positions ``pos``: the cache's
-        ``date.received``, else the storage's own source (sdbox metadata ``R``, Maildir
-        as the storage layer reads it); 0 where there is none."""
-        return received_dates_of([(self, pos)])[0]
-
     def modseqs(self) -> np.ndarray:
         """Per-message modseq (``mail_index_modseq_lookup``): 0 or no ``modseq``
         extension reads as the current highest modseq."""
@@ -189,8 +183,10 @@ class _Backend:
 
 
 def received_dates_of(wanted: list[tuple[_Backend, np.ndarray]]) -> list[np.ndarray]:
-    """:meth:`_Backend.received_dates_at` of several backends at once: the sdbox files
-    of all of them are read in one batch (one set of worker processes)."""
+    """INTERNALDATE of the messages at 0-based positions ``pos`` of each backend: the
+    cache's ``date.received``, else the storage's own source (sdbox metadata ``R``,
+    read for all backends in one batch; Maildir as the storage layer reads it); 0
+    where there is none."""
     out: list[np.ndarray] = []
     sdbox: list[tuple[int, np.ndarray, _Backend, np.ndarray]] = []
     for data, pos in wanted:
