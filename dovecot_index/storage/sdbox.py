@@ -21,6 +21,7 @@ Mirrors Dovecot 2.3.19.1:
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -247,6 +248,11 @@ _PARALLEL_DATES_MIN = 20_000
 #: message of the benchmark) is read whole in one call, a larger one by its tail
 _HEAD_READ = 4096
 _TAIL_READ = 512
+#: the metadata lines after DBOX_MAGIC_POST up to the first ``R<hex>`` line, when every
+#: line before it is non-empty and the ``R`` line is plain hex: the common case, which
+#: :func:`_received_dates_plain` takes without further Python work; anything else
+#: (no ``R``, an empty line first, odd digits, a cut-off line) goes the general way
+_PLAIN_R = re.compile(rb"(?:[^\nR][^\n]*\n)*R([0-9A-Fa-f]+)\n")
 #: (directory, ALT directory, uids, flags) per request, set before the worker
 #: processes are forked (they inherit it instead of receiving it pickled)
 _BATCH: list[tuple[str, str | None, Sequence[int], Sequence[int]]] = []
@@ -334,8 +340,7 @@ def _received_dates_in(directory: str, alt: str | None, uids: Sequence[int],
     primary, alt_fd = fds
     try:
         if alt_fd is None:
-            return [_received_date_at(primary, directory, SDBOX_MAIL_FILE_PREFIX + str(u))
-                    for u in uids]
+            return _received_dates_plain(primary, directory, uids)
         out: list[int] = []
         for uid, fl in zip(uids, flags, strict=True):
             name = SDBOX_MAIL_FILE_PREFIX + str(uid)
@@ -352,6 +357,46 @@ def _received_dates_in(directory: str, alt: str | None, uids: Sequence[int],
         for fd in fds:
             if fd is not None:
                 os.close(fd)
+
+
+def _received_dates_plain(dir_fd: int | None, directory: str, uids: Sequence[int]
+                          ) -> list[int]:
+    """:func:`_received_date_at` for every uid of a directory without ALT storage: a
+    file read whole by its one ``read()`` whose metadata block :data:`_PLAIN_R` matches
+    is handled inline (the per-file cost is then little more than its three system
+    calls); every other file goes through :func:`_received_date_at`."""
+    if dir_fd is None:
+        return [0] * len(uids)
+    out: list[int] = []
+    append = out.append
+    open_, read, close = os.open, os.read, os.close
+    mode = os.O_RDONLY | os.O_CLOEXEC
+    match = _PLAIN_R.match
+    magic = DBOX_MAGIC_POST
+    skip = len(DBOX_MAGIC_POST)
+    for uid in uids:
+        name = SDBOX_MAIL_FILE_PREFIX + str(uid)
+        try:
+            fd = open_(name, mode, dir_fd=dir_fd)
+        except OSError:
+            append(_received_date_at(dir_fd, directory, name))
+            continue
+        try:
+            data = read(fd, _HEAD_READ)
+        except OSError:
+            append(_received_date_at(dir_fd, directory, name))
+            continue
+        finally:
+            close(fd)
+        if len(data) < _HEAD_READ:
+            pos = data.rfind(magic)
+            if pos >= 0:
+                found = match(data, pos + skip)
+                if found is not None:
+                    append(int(found[1], 16))
+                    continue
+        append(_received_date_at(dir_fd, directory, name))
+    return out
 
 
 def _received_date_at(dir_fd: int | None, directory: str | None, name: str,
