@@ -115,6 +115,24 @@ def _items(fr: Framed, recs: np.ndarray, item_size: int, head: np.ndarray | int 
     return pos, owner, k
 
 
+def _gather(buf: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
+    """``width`` bytes of ``buf`` at each position, as an (N, width) uint8 array. The
+    items of one record lie at a constant stride, so that case is one strided copy
+    instead of an N x width index array."""
+    n = len(pos)
+    if n > 1 and width:
+        step = int(pos[1] - pos[0])
+        start = int(pos[0])
+        if step >= width and start >= 0 and start + step * (n - 1) + width <= len(buf) \
+                and bool(np.all(np.diff(pos) == step)):
+            return np.lib.stride_tricks.as_strided(
+                buf[start:], shape=(n, width), strides=(step, buf.strides[0]),
+                writeable=False).copy()
+    if not width:
+        return np.zeros((n, 0), np.uint8)
+    return buf[pos[:, None] + np.arange(width)]
+
+
 def _check_ranges(uid1: np.ndarray, uid2: np.ndarray, owner: np.ndarray) -> None:
     if np.any(uid1 == 0) or np.any(uid1 > uid2):
         raise NeedReference("range")
@@ -342,7 +360,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         if np.any(a_uid == 0) or (len(a_uid) > 1 and np.any(a_uid[1:] <= a_uid[:-1])) \
                 or a_uid[0] < next_uid0:
             raise NeedReference("append uids")
-        a_bytes = fr.buf[pos[:, None] + np.arange(8)]
+        a_bytes = _gather(fr.buf, pos, 8)
     else:
         a_uid = np.zeros(0, np.uint32)
         a_owner = np.zeros(0, np.int64)
@@ -532,8 +550,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         u = fr.u32(pos).astype(np.int64)
         if np.any(u == 0) or np.any(u >= rec_next[r - r0]):
             raise NeedReference("ext rec uid")
-        data = fr.buf[(pos + 4)[:, None] + np.arange(rs)] if rs else \
-            np.zeros((len(pos), 0), np.uint8)
+        data = _gather(fr.buf, pos + 4, rs)
         p = np.searchsorted(uids, u)
         ok = p < total
         ok[ok] = uids[p[ok]] == u[ok]
@@ -618,7 +635,8 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         if len(mu_p):
             bump(mu_p, mu_v)
         allrec["modseq"] = ms
-    idx.records = select_records(allrec, keep)
+    # allrec is this function's own copy: only expunges need another
+    idx.records = allrec if bool(keep.all()) else select_records(allrec, keep)
     h.messages_count = len(idx.records)
     if na:
         h.next_uid = max(next_uid0, int(a_uid[-1]) + 1)
