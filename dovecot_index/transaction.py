@@ -1262,15 +1262,18 @@ class Transaction:
         wins."""
         parts_u: list[np.ndarray] = []
         parts_d: list[np.ndarray] = []
-        parts_o: list[np.ndarray] = []
+        parts_o: list[np.ndarray | int] = []   # call order: per item, or one per batch
         width = max([b.shape[1] for _, b, _ in ch.rec_batches]
                     + [len(v) for v in ch.rec.values()] + [0])
         for u, raw, order in ch.rec_batches:
-            d = np.zeros((len(u), width), np.uint8)
-            d[:, :raw.shape[1]] = raw
+            if raw.shape[1] == width:
+                d = raw
+            else:
+                d = np.zeros((len(u), width), np.uint8)
+                d[:, :raw.shape[1]] = raw
             parts_u.append(u)
             parts_d.append(d)
-            parts_o.append(np.full(len(u), order, np.int64))
+            parts_o.append(order)
         if ch.rec:
             u = np.fromiter(ch.rec.keys(), np.uint32, len(ch.rec))
             d = np.zeros((len(u), width), np.uint8)
@@ -1279,17 +1282,23 @@ class Transaction:
             parts_u.append(u)
             parts_d.append(d)
             parts_o.append(np.fromiter(ch.rec_seq.values(), np.int64, len(ch.rec_seq)))
-        uids = np.concatenate(parts_u)
-        data = np.concatenate(parts_d)
-        order = np.concatenate(parts_o)
-        # last update per uid: sort by (uid, call order, position) and keep the last
-        pos = np.arange(len(uids))
-        idx = np.lexsort((pos, order, uids))
-        uids, data = uids[idx], data[idx]
-        last = np.r_[uids[1:] != uids[:-1], True] if len(uids) else np.zeros(0, bool)
-        uids, data = uids[last], data[last]
-        keep = np.isin(uids, valid)
-        uids, data = uids[keep], data[keep]
+        if len(parts_u) == 1 and (len(parts_u[0]) < 2 or bool(
+                np.all(parts_u[0][1:] > parts_u[0][:-1]))):
+            uids, data = parts_u[0], parts_d[0]   # one batch, each uid once, in order
+        else:
+            uids = np.concatenate(parts_u)
+            data = np.concatenate(parts_d)
+            order = np.concatenate([np.full(len(u), o, np.int64) if isinstance(o, int)
+                                    else o for u, o in zip(parts_u, parts_o, strict=True)])
+            # last update per uid: sort by (uid, call order, position), keep the last
+            pos = np.arange(len(uids))
+            idx = np.lexsort((pos, order, uids))
+            uids, data = uids[idx], data[idx]
+            last = np.r_[uids[1:] != uids[:-1], True] if len(uids) else np.zeros(0, bool)
+            uids, data = uids[last], data[last]
+        keep = _sorted_member(uids, valid)
+        if not bool(keep.all()):
+            uids, data = uids[keep], data[keep]
         if not len(uids):
             return None
         intro = self._intro(index, name, ch.reset_id)
@@ -1814,8 +1823,8 @@ class _ChangeSet:
 
     def _split(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``u`` as (existing messages, messages appended by this transaction)."""
-        is_new = np.isin(u, self.new_uids)
-        return u[~is_new & np.isin(u, self.existing)], u[is_new]
+        is_new = _sorted_member(u, self.new_uids)
+        return u[~is_new & _sorted_member(u, self.existing)], u[is_new]
 
     def kw_index(self, name: str) -> int:
         """``mail_index_keyword_lookup_or_create``: map keywords first, new ones after
@@ -1862,9 +1871,20 @@ class _ChangeSet:
         return self.fu_uids[keep], self.fu_add[keep], self.fu_rem[keep]
 
     def _set(self, d: dict[int, np.ndarray], k: int, uids: np.ndarray, add: bool) -> None:
-        have = d.get(k, np.zeros(0, np.uint32))
-        d[k] = (np.union1d(have, uids) if add else np.setdiff1d(have, uids)).astype(
-            np.uint32)
+        have = d.get(k)
+        if have is None or not len(have):
+            if not add:
+                d[k] = np.zeros(0, np.uint32)
+            else:
+                d[k] = _sorted_set(uids)
+            return
+        if add:
+            # both ascending: a stable sort of the two runs is a linear merge
+            both = np.concatenate([have, uids]).astype(np.uint32)
+            both.sort(kind="stable")
+            d[k] = both[np.r_[True, both[1:] != both[:-1]]]
+        else:
+            d[k] = have[~_sorted_member(have, uids)].astype(np.uint32)
 
     def keywords(self, u: np.ndarray, names: Sequence[str], how: str) -> None:
         idxs = list(dict.fromkeys(self.kw_index(n) for n in names))
@@ -1886,7 +1906,8 @@ class _ChangeSet:
                 else:
                     changed = (counts != len(idxs)) | ~present.all(axis=1)
                 old, have = old[changed], have[changed]
-        both = np.union1d(old, new).astype(np.uint32)
+        both = np.union1d(old, new).astype(np.uint32) if len(old) else \
+            _sorted_set(new)
         if how == "replace":
             for k in list(self.kw_add):
                 self._set(self.kw_add, k, both, False)
@@ -1926,6 +1947,25 @@ class _ChangeSet:
                 col < matrix.shape[1] else False
         counts[ok] = matrix[rows].sum(axis=1) if matrix.shape[1] else 0
         return present, counts
+
+
+def _sorted_member(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``np.isin(values, table)``, by binary search when ``table`` is ascending (the
+    uids of an index are, unless it is corrupt)."""
+    if not len(table):
+        return np.zeros(len(values), bool)
+    if len(table) > 1 and not bool(np.all(table[1:] >= table[:-1])):
+        return np.isin(values, table)
+    pos = np.searchsorted(table, values)
+    np.minimum(pos, len(table) - 1, out=pos)
+    return table[pos] == values
+
+
+def _sorted_set(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` as uint32, without the sort when already ascending."""
+    if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
+        return values.astype(np.uint32)
+    return np.unique(values).astype(np.uint32)
 
 
 def _ext_has_changes(ch: _ExtChanges) -> bool:

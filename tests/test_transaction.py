@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -29,6 +30,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dovecot_index import binary as b
@@ -313,6 +315,16 @@ def test_standalone_index_built_from_scratch(live_dovecot_factory, tmp_path: Pat
     t.ext_reset("big", 5, clear_data=False)
     t.atomic_inc("big", 4, 3)
     t.commit()
+    # one batch of record updates, out of order, a uid twice (the later wins) and one
+    # that does not exist (dropped): written as Dovecot's per-message array is
+    with idx.transaction(external=True) as t:
+        t.update_ext_records("myext", [5, 3, 5, 7], np.array(
+            [[1, 1, 1, 1], [2, 2, 2, 2], [9, 9, 9, 9], [7, 7, 7, 7]], np.uint8))
+    assert t.result is not None
+    log_text = dc.dump(tmp_path / "dovecot.index.log")
+    last_rec = log_text[log_text.rindex("type=ext-rec"):].split("\nrecord:")[0]
+    assert re.findall(r"^ - uid=(\d+): (\w+)\b", last_rec, re.MULTILINE) == \
+        [("3", "02020202"), ("5", "09090909")]
     log_text = dc.dump(tmp_path / "dovecot.index.log")
     assert "ext-hdr32" in log_text and "ext-reset" in log_text
     theirs = dc.dump(".", cwd=tmp_path)
