@@ -21,7 +21,7 @@ rules, which report the problem exactly as Dovecot's checks word it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -377,7 +377,9 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
     # next_uid in force after each record: for validity checks of later records
     if na:
         rec_next = np.full(r1 - r0, 0, np.int64)
-        np.maximum.at(rec_next, a_owner - r0, a_uid.astype(np.int64) + 1)
+        # uids ascend (checked above) and owners too: a record's highest is its last
+        last = np.r_[a_owner[1:] != a_owner[:-1], True]
+        rec_next[a_owner[last] - r0] = a_uid[last].astype(np.int64) + 1
         rec_next = np.maximum(np.maximum.accumulate(rec_next), next_uid0)
     else:
         rec_next = np.full(r1 - r0, next_uid0, np.int64)
@@ -674,6 +676,9 @@ def _counters(view: MailboxView, fr: Framed, r0: int, r1: int, uids: np.ndarray,
     h = view.index.header
     # flag rows that go through the counting branch (touch Seen or Deleted)
     sd = ((f_add | f_rem) & _SD) != 0
+    if na and not sd.any() and not len(ex_p):
+        _append_counters(h, uids[n0:], flags0[n0:])
+        return
     fp, fr_, fk, fa, fm = f_p[sd], f_r[sd], f_k[sd], f_add[sd], f_rem[sd]
     # events: appends (type 0), flag rows (1), expunges (2); log order key
     ev_p = np.concatenate([np.arange(n0, n0 + na), fp, ex_p])
@@ -725,6 +730,44 @@ def _counters(view: MailboxView, fr: Framed, r0: int, r1: int, uids: np.ndarray,
         h[field] = lw
     h.seen_messages_count = int(seen[-1])
     h.deleted_messages_count = int(deleted[-1])
+
+
+def _append_counters(h: Any, a_uids: np.ndarray, a_flags: np.ndarray) -> None:
+    """:func:`_counters` when the run's only counted events are appends (in log order,
+    uids ascending): each adds one message with its own flags. After the k-th append
+    ``seen = seen0 + S_k`` and ``messages = messages0 + k`` (``S_k``: Seen appends so
+    far), so the counters stay valid throughout iff they are after the first append;
+    the lowwater is reset to ``uid + 1`` by the last append that leaves every message
+    seen, then lowered by the unseen appends after it (likewise Deleted, whose count
+    never drops here, so it is never reset)."""
+    seen0, del0 = int(h.seen_messages_count), int(h.deleted_messages_count)
+    msgs0 = int(h.messages_count)
+    seen_bit = (a_flags & b.MAIL_SEEN) != 0
+    del_bit = (a_flags & b.MAIL_DELETED) != 0
+    if seen0 < 0 or del0 < 0 or seen0 + int(seen_bit[0]) > msgs0 + 1 \
+            or del0 + int(del_bit[0]) > msgs0 + 1:
+        raise NeedReference("counters")
+    n_seen = int(np.count_nonzero(seen_bit))
+    # all seen after append k: S_k - k == msgs0 - seen0 (S_k - k never grows)
+    gap = msgs0 - seen0
+    lw = int(h.first_unseen_uid_lowwater)
+    begin = 0
+    if gap <= 0:
+        behind = np.cumsum(~seen_bit)          # k - S_k
+        hit = np.flatnonzero(seen_bit & (behind == -gap))
+        if len(hit):
+            t = int(hit[-1])
+            lw, begin = int(a_uids[t]) + 1, t + 1
+    unseen = a_uids[begin:][~seen_bit[begin:]]
+    if len(unseen):
+        lw = min(lw, int(unseen.min()))
+    h.first_unseen_uid_lowwater = lw
+    deleted = a_uids[del_bit]
+    if len(deleted):
+        h.first_deleted_uid_lowwater = min(int(h.first_deleted_uid_lowwater),
+                                           int(deleted.min()))
+    h.seen_messages_count = seen0 + n_seen
+    h.deleted_messages_count = del0 + int(np.count_nonzero(del_bit))
 
 
 def _flag_transitions(flags0: np.ndarray, ev_p: np.ndarray, ev_r: np.ndarray,

@@ -196,3 +196,48 @@ def test_fast_log_dump_of_fixtures() -> None:
         stored = path.with_name(path.name + ".dump.txt")
         if stored.exists():
             assert fast == stored.read_text(), path
+
+
+APPEND_PATTERNS = {
+    "all seen": [8, 8, 8],
+    "unseen first": [0, 8, 8],
+    "seen, unseen, seen": [8, 0, 8, 8],
+    "deleted": [4, 8 | 4, 0],
+    "seen, unseen": [8, 0],
+    "unseen": [0, 0],
+    "one": [8],
+}
+
+
+@pytest.mark.parametrize("pattern", APPEND_PATTERNS)
+@pytest.mark.parametrize("seen_shift,deleted_shift", [(0, 0), (1, 0), (-1, 0), (2, 0),
+                                                      (0, 1), (0, -1), (0, 2), (0, 3)])
+def test_append_run_counters(tmp_path: Path, pattern: str, seen_shift: int,
+                             deleted_shift: int) -> None:
+    """A run of appends only, after a header update has left the seen/deleted counters
+    at messages + shift (out of step with the messages, as a broken index can be): the
+    batched counters and lowwaters equal the record-by-record ones (or both refuse)."""
+    parts = [b.MailTransactionLogHeader.build(new_log_header(
+        1_700_000_000, 2, prev_file_seq=1, prev_file_offset=40))]
+    parts.append(rec(0x2, b"".join(struct.pack("<IB3x", u, f)
+                                   for u, f in ((1, 8), (2, 0), (3, 8 | 4)))))
+    seen = 2 + seen_shift        # 2 seen of 3 messages before the shift
+    deleted = 1 + deleted_shift
+    parts.append(rec(0x20, struct.pack("<HHI", 40, 4, max(seen, 0))
+                     + struct.pack("<HHI", 44, 4, max(deleted, 0))))
+    uid = 10
+    for flags in APPEND_PATTERNS[pattern]:
+        parts.append(rec(0x2, struct.pack("<IB3x", uid, flags)))
+        uid += 3
+    (tmp_path / "dovecot.index.log").write_bytes(b"".join(parts))
+
+    def outcome(batched: bool) -> tuple[str, ...]:
+        try:
+            view = MailboxView(tmp_path, batched=batched)
+        except Exception as e:  # noqa: BLE001 - both paths must fail the same way
+            return "error", f"{type(e).__name__}: {e}"
+        h = view.index.header
+        return (index_text(view.index, str(tmp_path)), str(h.seen_messages_count),
+                str(h.first_unseen_uid_lowwater), str(h.first_deleted_uid_lowwater))
+
+    assert outcome(True) == outcome(False)
