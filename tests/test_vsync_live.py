@@ -21,7 +21,22 @@ import pytest
 from dovecot_index.cli import main as cli_main
 from dovecot_index.transaction import MailboxIndex
 from dovecot_index.view import MailboxView
-from virtual.scenarios import Store, format_failure, run_scenario, snapshot
+from virtual.scenarios import (
+    AppendOp,
+    ConfigOp,
+    CreateOp,
+    ExpungeOp,
+    MessageSpec,
+    Op,
+    Pick,
+    ScenarioGenerator,
+    Store,
+    StoreOp,
+    VirtualOpenOp,
+    format_failure,
+    run_scenario,
+    snapshot,
+)
 from virtual.sync import VirtualMailbox
 
 # Fixed seeds (both storages, 5 rounds each); between them: first syncs, rule edits
@@ -39,7 +54,9 @@ SESSION_SEEDS = [0, 1, 2, 3, 4, 6, 8,
                  103, 76,       # quick check without list index status opens the backend
                  224,           # pushed keyword changes judged against the latest index
                  39, 175,       # a backend deleted under the session
-                 151]           # an inconsistent NOOP still ends IMAP's sync
+                 151,           # an inconsistent NOOP still ends IMAP's sync
+                 261,           # flags of a message the session's view had not seen
+                 93]            # keywords copied down to none in a sync without appends
 
 
 @pytest.mark.live
@@ -57,6 +74,58 @@ def test_ours_session_equals_dovecot_session(seed: int) -> None:
                           engine_b="ours-session")
     assert result.ok, format_failure(result.failure)
     assert result.rounds_run == 6
+
+
+class _NewMessageChanged(ScenarioGenerator):
+    """A scripted session scenario: between two NOOPs a message is appended to the
+    backend, another process opens the virtual mailbox (adding it), then its flags and
+    keywords change (``store``) and/or it is expunged, with (``old``) or without an
+    old message. The session's backend sync reports the flag records of the message
+    its view had not seen - from the view's private map when the sync also expunges
+    a message the view had (so even for the expunged new message), from the head map
+    otherwise."""
+
+    def __init__(self, storage: str, variant: set[str]) -> None:
+        super().__init__(0, storage)
+        self.variant = variant
+        self.rounds_made = 0
+
+    @staticmethod
+    def _msg(i: int, flags: tuple[str, ...] = ()) -> MessageSpec:
+        return MessageSpec(subject=f"m{i}", from_="a@example.com",
+                           date=1_600_000_000 + 86_400 * i, body_size=10, flags=flags)
+
+    def setup(self) -> list[Op]:
+        return [CreateOp("INBOX", "97eb9875b0114d8ed3578dc48bcbd946", 1_500_184_291),
+                AppendOp("INBOX", [self._msg(1, ("\\Answered",))]),
+                ConfigOp("INBOX\n  all\n"), VirtualOpenOp()]
+
+    def round(self) -> list[Op]:
+        self.rounds_made += 1
+        if self.rounds_made == 1:       # the session gets a search result of INBOX
+            return [AppendOp("INBOX", [self._msg(2)])]
+        ops: list[Op] = [AppendOp("INBOX", [self._msg(3, ("\\Answered", "\\Flagged"))]),
+                         VirtualOpenOp()]
+        new_only = Pick(1, 6)           # uid 3 of 1, 2, 3
+        if "store" in self.variant:
+            ops.append(StoreOp("INBOX", new_only, "+FLAGS", ("\\Seen", "kwX")))
+        if "expunge" in self.variant:
+            ops.append(ExpungeOp("INBOX", Pick(2, 1) if "old" in self.variant
+                                 else new_only))  # Pick(2, 1): uids 1 and 3
+        return ops
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("storage", ["maildir", "sdbox"])
+@pytest.mark.parametrize("variant", ["store", "store expunge", "expunge old",
+                                     "store expunge old"])
+def test_session_flags_of_messages_the_view_had_not_seen(storage: str, variant: str
+                                                         ) -> None:
+    gen = _NewMessageChanged(storage, set(variant.split()))
+    result = run_scenario(0, rounds=2, storage=storage, engine_a="dovecot-session",
+                          engine_b="ours-session", generator=gen)
+    assert result.ok, format_failure(result.failure)
+    assert result.rounds_run == 3
 
 
 def tree_digest(root: Path) -> dict[str, str]:

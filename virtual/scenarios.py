@@ -1591,7 +1591,8 @@ def run_scenario(seed: int, *, rounds: int = 5, storage: str | None = None,
                  engine_a: str = "dovecot-open", engine_b: str = "dovecot-open",
                  mode: Mode | None = None, workdir: str | os.PathLike[str] | None = None,
                  keep: bool = False, log: Callable[[str], None] | None = None,
-                 ties: bool = False) -> ScenarioResult:
+                 ties: bool = False, generator: ScenarioGenerator | None = None
+                 ) -> ScenarioResult:
     """Run one scenario: set-up (round 0) and ``rounds`` rounds; stop at the first round
     with a difference.
 
@@ -1605,9 +1606,12 @@ def run_scenario(seed: int, *, rounds: int = 5, storage: str | None = None,
     :param keep: keep the stores of a failed scenario (their path is in the result).
     :param log: called with progress lines (verbose output).
     :param ties: let received dates repeat (:class:`ScenarioGenerator`).
+    :param generator: the operations to run instead of the seed's own (a scripted
+        scenario: a :class:`ScenarioGenerator` whose ``setup``/``round`` are given).
     """
     run = _ScenarioRun(seed, rounds=rounds, storage=storage, engine_a=engine_a,
-                       engine_b=engine_b, mode=mode, workdir=workdir, log=log, ties=ties)
+                       engine_b=engine_b, mode=mode, workdir=workdir, log=log, ties=ties,
+                       generator=generator)
     try:
         run.run()
     finally:
@@ -1620,10 +1624,11 @@ class _ScenarioRun:
 
     def __init__(self, seed: int, *, rounds: int, storage: str | None, engine_a: str,
                  engine_b: str, mode: Mode | None, workdir: str | os.PathLike[str] | None,
-                 log: Callable[[str], None] | None, ties: bool) -> None:
+                 log: Callable[[str], None] | None, ties: bool,
+                 generator: ScenarioGenerator | None = None) -> None:
         self.say = log or (lambda _line: None)
         self.rounds = rounds
-        self.gen = ScenarioGenerator(seed, storage, ties=ties)
+        self.gen = generator or ScenarioGenerator(seed, storage, ties=ties)
         self.engines = (make_engine(engine_a), make_engine(engine_b))
         long_lived = any(e.long_lived for e in self.engines)
         if mode is None:

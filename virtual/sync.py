@@ -910,15 +910,36 @@ class _Sync:
         if len(vuids):
             self.expunges.append(np.asarray(vuids, U32))
 
-    def external_flags(self, bk: BackendBox, vuids: np.ndarray, real_uids: np.ndarray
-                       ) -> None:
+    def external_flags(self, bk: BackendBox, vuids: np.ndarray, real_uids: np.ndarray,
+                       gone: dict[int, tuple[int, frozenset[str]]] | None = None) -> None:
         """``virtual_sync_external_flags`` for existing virtual messages: the backend's
         flags (without \\Recent) and keywords replace the virtual ones; messages gone
-        from the backend are left alone."""
+        from the backend are left alone unless ``gone`` has their state (lower-case
+        keyword names)."""
         data = self.data.get(bk.mailbox_id)
         if data is None or not len(vuids):
             return
-        pos, ok = data.seqs_of(np.asarray(real_uids, U32))
+        real_uids = np.asarray(real_uids, U32)
+        pos, ok = data.seqs_of(real_uids)
+        if gone:
+            extra = ~ok & np.isin(real_uids, list(gone))
+            keep = ok | extra
+            vuids, real_uids, pos, ok = (np.asarray(vuids, U32)[keep], real_uids[keep],
+                                         pos[keep], ok[keep])
+            if not len(vuids):
+                return
+            flags = np.zeros(len(vuids), np.uint8)
+            codes = np.zeros(len(vuids), np.int64)
+            flags[ok] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
+            codes[ok] = self._global_kw(data)[pos[ok]]
+            order = list(data.view.index.keywords)
+            for i in np.flatnonzero(~ok).tolist():
+                fl, names = gone[int(real_uids[i])]
+                flags[i] = fl & BACKEND_FLAG_MASK
+                kws = tuple(n for n in order if n.lower() in names)
+                codes[i] = self.kw_table.setdefault(kws, len(self.kw_table))
+            self.copies.append((vuids, flags, codes))
+            return
         vuids, pos = np.asarray(vuids, U32)[ok], pos[ok]
         if not len(vuids):
             return
@@ -1060,8 +1081,12 @@ class _Sync:
                 now_ids[codes[both]] != then_ids[seen.keywords[old_pos]])
         changed = data.uids[both[changed_mask]]
         new_pos = np.flatnonzero(~in_old & (data.uids >= seen.next_uid))
-        # flag records: copy flags of mapped messages (ascending real uid)
-        self.mailbox_box_update_flags(bk, changed)
+        # flag records: copy flags of mapped messages (ascending real uid), also of
+        # messages appended since whose flags or keywords changed after the append
+        touched_new, gone_new = self.new_message_flag_records(seen, data, len(expunged))
+        self.mailbox_box_update_flags(
+            bk, np.union1d(np.union1d(changed, touched_new), list(gone_new)).astype(U32),
+            gone_new)
         if not self.expunge_removed and len(expunged):
             self.sync_expunges = bk.uid_real[np.isin(bk.uid_real, expunged)]
         # the search result follows the backend view
@@ -1087,6 +1112,29 @@ class _Sync:
         self._queued = (np.asarray(removed, U32), np.asarray(added, U32))
         bk.seen = _Seen.of(data)
         return data
+
+    def new_message_flag_records(self, seen: _Seen, data: _Backend, expunged: int
+                                 ) -> tuple[np.ndarray, dict[int, tuple[int, frozenset[str]]]]:
+        """The FLAGS sync records of the backend sync for messages the session's view
+        had not seen (:mod:`virtual.view_sync`): the real uids still in the backend, and
+        - only when the sync also ``expunged`` messages the view had, which keeps the
+        view's private map - the flags and keywords of those expunged since."""
+        empty: tuple[np.ndarray, dict[int, tuple[int, frozenset[str]]]] = (
+            np.zeros(0, U32), {})
+        if seen.index is None:
+            return empty
+        from .view_sync import new_message_changes
+
+        h = seen.index.header
+        found = new_message_changes(data.view.directory, data.view.prefix,
+                                    (int(h.log_file_seq), int(h.log_file_head_offset)),
+                                    seen.uids)
+        if found is None or not len(found.touched):
+            return empty
+        present = np.isin(found.touched, data.uids)
+        gone = {u: found.state[u] for u in found.touched[~present].tolist()} \
+            if expunged else {}
+        return found.touched[present], gone
 
     def mailbox_box_update(self, bk: BackendBox) -> None:
         """``virtual_sync_mailbox_box_update``: what the search result reported, with
@@ -1265,9 +1313,12 @@ class _Sync:
         if self.vbox.uids_mapped:
             self.all_adds.append((bk.mailbox_id, np.sort(np.asarray(real_uids, U32))))
 
-    def mailbox_box_update_flags(self, bk: BackendBox, real_uids: np.ndarray) -> None:
+    def mailbox_box_update_flags(self, bk: BackendBox, real_uids: np.ndarray,
+                                 gone: dict[int, tuple[int, frozenset[str]]] | None = None
+                                 ) -> None:
         """``virtual_sync_mailbox_box_update_flags``: copy flags of changed old
-        messages that are in the virtual index."""
+        messages that are in the virtual index (``gone``: flags and keywords of
+        messages the backend view still shows though they are expunged since)."""
         if not len(real_uids):
             return
         pos = np.searchsorted(bk.uid_real, real_uids)
@@ -1277,7 +1328,7 @@ class _Sync:
         vu[ok] = bk.uid_virtual[pos[ok]]
         ok &= vu != 0
         ok[ok] = self.exists_in_view(vu[ok])
-        self.external_flags(bk, vu[ok], real_uids[ok])
+        self.external_flags(bk, vu[ok], real_uids[ok], gone)
 
     def backend_ext_header(self, bk: BackendBox, data: _Backend) -> None:
         """``virtual_sync_backend_ext_header``: the backend's entry in the header (as
@@ -1512,7 +1563,7 @@ class _Sync:
             vs = _sorted_unique(kv[a:z])
             if not names and not len(vs):
                 continue
-            if not names and (not len(appended) or not (vs < appended[0]).any()):
+            if not names and len(appended) and not (vs < appended[0]).any():
                 continue                             # new messages start without any
             self.t.replace_keywords(vs, names)       # (no uids: registers the names)
 
