@@ -1132,7 +1132,7 @@ class _Sync:
         if found is None or not len(found.touched):
             return empty
         present = np.isin(found.touched, data.uids)
-        gone = {u: found.state[u] for u in found.touched[~present].tolist()} \
+        gone = {u: found.state(u) for u in found.touched[~present].tolist()} \
             if expunged else {}
         return found.touched[present], gone
 

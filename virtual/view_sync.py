@@ -19,7 +19,9 @@ Mirrors Dovecot 2.3.19.1's view sync as the virtual session meets it through
 :func:`new_message_changes` reads the records between the view's old position and the
 log head for the messages appended in between: which of them such a record touched, and
 their flags and keywords at the end of the range with expunges ignored (what
-``mail_get_flags``/``mail_get_keywords`` read from the private map).
+``mail_get_flags``/``mail_get_keywords`` read from the private map). Each record is
+applied to all of them at once (binary search of its uid ranges), so a large range
+costs what its records cost.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ from dovecot_index.log_file import (
     KeywordReset,
     KeywordUpdate,
     LogFile,
+    LogRecord,
     RecordKind,
 )
+
+_CHANGES = (RecordKind.FLAG_UPDATE, RecordKind.KEYWORD_UPDATE, RecordKind.KEYWORD_RESET)
 
 
 @dataclass
@@ -48,15 +53,18 @@ class NewMessageChanges:
     #: real uids (ascending) of appended messages a flag or keyword record touched
     #: after their append
     touched: np.ndarray
-    #: flags and keyword names (lower-case) of each of them at the end of the range,
-    #: expunges ignored
-    state: dict[int, tuple[int, frozenset[str]]] = field(default_factory=dict)
+    #: their flags at the end of the range, expunges ignored
+    flags: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    #: per keyword name (lower-case): which of them have it then
+    keywords: dict[str, np.ndarray] = field(default_factory=dict)
 
-
-@dataclass
-class _Message:
-    flags: int
-    names: set[str]
+    def state(self, uid: int) -> tuple[int, frozenset[str]]:
+        """Flags and keyword names of one of :attr:`touched`."""
+        i = int(np.searchsorted(self.touched, uid))
+        if i >= len(self.touched) or int(self.touched[i]) != uid:
+            raise KeyError(uid)
+        return int(self.flags[i]), frozenset(n for n, bits in self.keywords.items()
+                                             if bits[i])
 
 
 def _log_files(directory: Path, prefix: str) -> list[LogFile]:
@@ -69,6 +77,23 @@ def _log_files(directory: Path, prefix: str) -> list[LogFile]:
     return out
 
 
+def _records_after(files: list[LogFile], start: tuple[int, int]) -> list[LogRecord]:
+    """The appends and flag/keyword records from ``start`` to the end of the logs."""
+    out = []
+    for lf in files:
+        seq = int(lf.header.file_seq)
+        if seq < start[0]:
+            continue
+        begin = start[1] if seq == start[0] else int(lf.header.hdr_size)
+        for rec in lf.records():
+            if rec.offset >= lf.sync_offset:
+                break
+            if rec.offset >= begin and (rec.kind == RecordKind.APPEND
+                                        or rec.kind in _CHANGES):
+                out.append(rec)
+    return out
+
+
 def new_message_changes(directory: Path, prefix: str, start: tuple[int, int],
                         seen_uids: np.ndarray) -> NewMessageChanges | None:
     """The flag and keyword records after ``start`` (log file sequence, offset: where
@@ -77,65 +102,60 @@ def new_message_changes(directory: Path, prefix: str, start: tuple[int, int],
     gone or unreadable): the caller then knows nothing about them."""
     files = _log_files(directory, prefix)
     try:
-        seqs = [int(lf.header.file_seq) for lf in files]
-        if start[0] not in seqs:
+        if start[0] not in [int(lf.header.file_seq) for lf in files]:
             return None
-        state: dict[int, _Message] = {}
-        touched: set[int] = set()
-        for lf in files:
-            seq = int(lf.header.file_seq)
-            if seq < start[0]:
-                continue
-            begin = start[1] if seq == start[0] else int(lf.header.hdr_size)
-            for rec in lf.records():
-                if rec.offset >= lf.sync_offset:
-                    break
-                if rec.offset < begin:
-                    continue
-                _apply(rec.kind, rec.payload, state, touched, seen_uids)
+        records = _records_after(files, start)
     except DovecotIndexError:
         return None
     finally:
         for lf in files:
             lf.close()
-    uids = np.array(sorted(touched), np.uint32)
-    return NewMessageChanges(uids, {
-        u: (state[u].flags, frozenset(state[u].names)) for u in uids.tolist()})
+    # the messages appended in the range, with the record that appended each
+    uid_parts, flag_parts, born_parts = [], [], []
+    for k, rec in enumerate(records):
+        if isinstance(rec.payload, Append):
+            recs = rec.payload.records
+            new = ~np.isin(recs["uid"], seen_uids)
+            uid_parts.append(recs["uid"][new].astype(np.int64))
+            flag_parts.append(recs["flags"][new].astype(np.int64))
+            born_parts.append(np.full(int(new.sum()), k, np.int64))
+    if not uid_parts:
+        return NewMessageChanges(np.zeros(0, np.uint32))
+    uids = np.concatenate(uid_parts)
+    order = np.argsort(uids, kind="stable")
+    uids, flags = uids[order], np.concatenate(flag_parts)[order]
+    born = np.concatenate(born_parts)[order]
+    first = np.r_[True, uids[1:] != uids[:-1]]     # a uid appended twice: the first
+    uids, flags, born = uids[first], flags[first], born[first]
+    touched = np.zeros(len(uids), bool)
+    keywords: dict[str, np.ndarray] = {}
+    for k, rec in enumerate(records):
+        payload = rec.payload
+        if isinstance(payload, FlagUpdate):
+            for upd in payload.updates:
+                sel = _in_range(uids, born, k, int(upd["uid1"]), int(upd["uid2"]))
+                flags[sel] = (flags[sel] & ~int(upd["remove"]) & 0xFF) | int(upd["add"])
+                touched[sel] = True
+        elif isinstance(payload, KeywordUpdate):
+            bits = keywords.setdefault(payload.name.lower(), np.zeros(len(uids), bool))
+            for lo, hi in payload.ranges.tolist():
+                sel = _in_range(uids, born, k, lo, hi)
+                bits[sel] = payload.modify_type == 0
+                touched[sel] = True
+        elif isinstance(payload, KeywordReset):
+            for lo, hi in payload.ranges.tolist():
+                sel = _in_range(uids, born, k, lo, hi)
+                for bits in keywords.values():
+                    bits[sel] = False
+                touched[sel] = True
+    return NewMessageChanges(uids[touched].astype(np.uint32), flags[touched],
+                             {n: bits[touched] for n, bits in keywords.items()})
 
 
-def _in_ranges(ranges: np.ndarray, uids: list[int]) -> list[int]:
-    lo, hi = ranges["uid1"].astype(np.int64), ranges["uid2"].astype(np.int64)
-    return [u for u in uids if bool(np.any((lo <= u) & (u <= hi)))]
-
-
-def _apply(kind: RecordKind, payload: object, state: dict[int, _Message],
-           touched: set[int], seen_uids: np.ndarray) -> None:
-    """One record's effect on the messages appended in the range."""
-    if kind == RecordKind.APPEND and isinstance(payload, Append):
-        new = payload.records[~np.isin(payload.records["uid"], seen_uids)]
-        for uid, flags in zip(new["uid"].tolist(), new["flags"].tolist(), strict=True):
-            state.setdefault(uid, _Message(flags, set()))
-        return
-    if not state:
-        return
-    known = list(state)
-    if kind == RecordKind.FLAG_UPDATE and isinstance(payload, FlagUpdate):
-        for upd in payload.updates:
-            add, remove = int(upd["add"]), int(upd["remove"])
-            for uid in known:
-                if int(upd["uid1"]) <= uid <= int(upd["uid2"]):
-                    msg = state[uid]
-                    msg.flags = (msg.flags & ~remove & 0xFF) | add
-                    touched.add(uid)
-    elif kind == RecordKind.KEYWORD_UPDATE and isinstance(payload, KeywordUpdate):
-        name = payload.name.lower()
-        for uid in _in_ranges(payload.ranges, known):
-            if payload.modify_type == 0:
-                state[uid].names.add(name)
-            else:
-                state[uid].names.discard(name)
-            touched.add(uid)
-    elif kind == RecordKind.KEYWORD_RESET and isinstance(payload, KeywordReset):
-        for uid in _in_ranges(payload.ranges, known):
-            state[uid].names.clear()
-            touched.add(uid)
+def _in_range(uids: np.ndarray, born: np.ndarray, record: int, lo: int, hi: int
+              ) -> np.ndarray:
+    """Positions of the messages in ``lo..hi`` that exist at ``record``."""
+    a = int(np.searchsorted(uids, lo, side="left"))
+    z = int(np.searchsorted(uids, hi, side="right"))
+    pos = np.arange(a, z)
+    return pos[born[a:z] < record]
