@@ -64,3 +64,32 @@ def test_received_dates_equal_dovecot(live_dovecot_factory, monkeypatch,  # type
     # the one-mailbox API says the same
     box, uids, flags = requests[0]
     assert box.received_dates(uids, flags) == got[0]
+
+
+def test_dates_read_ahead_equal_batch(live_dovecot_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """ReceivedDateReader (dates read by workers while the caller goes on) gives what
+    Dovecot reports, for the uids submitted; others are reported as not read."""
+    from dovecot_index.live import Message
+
+    dc = live_dovecot_factory("sdbox")
+    msgs = [Message(subject=f"m{i}", body="y" * (100 + 900 * (i % 7)) + "\n",
+                    internaldate=1_400_000_000 + 6_007 * i) for i in range(40)]
+    dc.append("INBOX", msgs)
+    expected = {int(r["uid"]): int(r["date.received.unixtime"])
+                for r in dc.fetch("INBOX", ["uid", "date.received.unixtime"])}
+    box = _storage(dc).mailbox("INBOX")
+    recs = box.view.index.records
+    uids = [int(u) for u in recs["uid"]]
+    flags = [int(f) for f in recs["flags"]]
+    monkeypatch.setattr(sd.os, "cpu_count", lambda: 2)    # 3 workers
+    reader = sd.ReceivedDateReader()
+    try:
+        assert reader.submit(box, uids[5:30], flags[5:30])
+        assert reader.submit(box, uids[30:33], flags[30:33])
+        got, have = reader.take(box, uids)
+    finally:
+        reader.close()
+    assert have.tolist() == [5 <= i < 33 for i in range(len(uids))]
+    assert {u: int(d) for u, d, h in zip(uids, got, have, strict=True) if h} == \
+        {u: expected[u] for u in uids[5:33]}
+    assert not got[~have].any()

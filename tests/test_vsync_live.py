@@ -76,6 +76,33 @@ def test_ours_session_equals_dovecot_session(seed: int) -> None:
     assert result.rounds_run == 6
 
 
+@pytest.mark.live
+@pytest.mark.parametrize(("seed", "engine"), [(9, "ours"), (5, "ours"), (12, "ours"),
+                                              (19, "ours"), (3, "ours-session")])
+def test_received_dates_read_ahead(monkeypatch, seed: int, engine: str) -> None:  # type: ignore[no-untyped-def]
+    """The same syncs with every sdbox backend's dates read ahead by worker processes
+    during the backend passes (the threshold that keeps small syncs in-process is
+    lowered): equal to Dovecot, and the read-ahead was used."""
+    import virtual.sync as vsync
+    from dovecot_index.storage import sdbox as sd
+
+    monkeypatch.setattr(vsync, "_READ_AHEAD_MIN", 0)
+    monkeypatch.setattr(sd.os, "cpu_count", lambda: 2)
+    submitted: list[int] = []
+    real_submit = sd.ReceivedDateReader.submit
+
+    def submit(self, box, uids, flags):  # type: ignore[no-untyped-def]
+        submitted.append(len(uids))
+        return real_submit(self, box, uids, flags)
+
+    monkeypatch.setattr(sd.ReceivedDateReader, "submit", submit)
+    engine_a = "dovecot-session" if engine == "ours-session" else "dovecot-open"
+    result = run_scenario(seed, rounds=5, storage="sdbox", engine_a=engine_a,
+                          engine_b=engine)
+    assert result.ok, format_failure(result.failure)
+    assert sum(submitted) > 0
+
+
 class _NewMessageChanged(ScenarioGenerator):
     """A scripted session scenario: between two NOOPs a message is appended to the
     backend, another process opens the virtual mailbox (adding it), then its flags and

@@ -80,6 +80,8 @@ GUID_SIZE = 16
 #: reports as a message's flags (``index_mail_get_flags``).
 BACKEND_FLAG_MASK = 0x1F | 0x40
 U32 = np.uint32
+#: backends with fewer messages to date than this are not read ahead (S5)
+_READ_AHEAD_MIN = 5_000
 
 
 class VirtualSyncError(DovecotIndexError):
@@ -110,6 +112,7 @@ class _Backend:
     _mask: np.ndarray | None = None
     _dates: np.ndarray | None = None
     _kw_codes: tuple[np.ndarray, list[tuple[str, ...]]] | None = None
+    _cached_dates: Any = False    # the cache's date.received (False: not looked up)
 
     def seqs_of(self, real_uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """0-based positions of ``real_uids`` in the backend and which exist."""
@@ -145,7 +148,9 @@ class _Backend:
         know (0 there)."""
         out = np.zeros(len(pos), np.int64)
         missing = np.ones(len(pos), bool)
-        cached = self.box._cached_fixed("date.received") if len(pos) else None
+        if len(pos) and self._cached_dates is False:
+            self._cached_dates = self.box._cached_fixed("date.received")
+        cached = self._cached_dates if len(pos) else None
         if cached is not None:
             mask = np.ma.getmaskarray(cached)[pos]
             vals = np.ma.getdata(cached)[pos]
@@ -182,11 +187,13 @@ class _Backend:
         return self._dates
 
 
-def received_dates_of(wanted: list[tuple[_Backend, np.ndarray]]) -> list[np.ndarray]:
+def received_dates_of(wanted: list[tuple[_Backend, np.ndarray]],
+                      reader: Any = None) -> list[np.ndarray]:
     """INTERNALDATE of the messages at 0-based positions ``pos`` of each backend: the
-    cache's ``date.received``, else the storage's own source (sdbox metadata ``R``,
-    read for all backends in one batch; Maildir as the storage layer reads it); 0
-    where there is none."""
+    cache's ``date.received``, else the storage's own source (sdbox metadata ``R``:
+    what ``reader``, a :class:`~dovecot_index.storage.sdbox.ReceivedDateReader`, has
+    read ahead, the rest for all backends in one batch; Maildir as the storage layer
+    reads it); 0 where there is none."""
     out: list[np.ndarray] = []
     sdbox: list[tuple[int, np.ndarray, _Backend, np.ndarray]] = []
     for data, pos in wanted:
@@ -195,6 +202,12 @@ def received_dates_of(wanted: list[tuple[_Backend, np.ndarray]]) -> list[np.ndar
         if not len(todo):
             continue
         if data.box.driver == "sdbox":
+            if reader is not None:
+                got, have = reader.take(data.box, data.uids[pos[todo]])
+                dates[todo[have]] = got[have]
+                todo = todo[~have]
+                if not len(todo):
+                    continue
             sdbox.append((len(out) - 1, todo, data, pos[todo]))
         else:
             dates[todo] = data.received_dates()[pos[todo]]
@@ -823,6 +836,7 @@ class _Sync:
         self.copies: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.kw_table: dict[tuple[str, ...], int] = {(): 0}
         self.all_adds: list[tuple[int, np.ndarray]] = []
+        self.date_reader: Any = None              # received dates read ahead (S5)
         self.ext_header_changed = False
         self.hdr_updates: list[tuple[str, int, bytes]] = []
         self.report = SyncReport(vbox.name, str(vbox.directory), dry_run)
@@ -967,14 +981,49 @@ class _Sync:
         self.push_changes()                                                     # S3
         if self.vbox.uids_mapped:                                               # S4a
             self.apply_existing_appends()
-        for bk in self.vbox.backends:                                          # S5
-            self.backend_box(bk)
-        if not self.vbox.uids_mapped:                                           # S6
-            self.vbox.uids_mapped = True
-            self.map_uids()
-        self.add_new()                                                          # S7
+        try:
+            for bk in self.vbox.backends:                                      # S5
+                self.backend_box(bk)
+                self.read_dates_ahead(bk)
+            if not self.vbox.uids_mapped:                                       # S6
+                self.vbox.uids_mapped = True
+                self.map_uids()
+            self.add_new()                                                      # S7
+        finally:
+            if self.date_reader is not None:
+                self.date_reader.close()
+                self.date_reader = None
         self.index_finish()                                                     # S8
         return self.commit()                                                    # S9
+
+    def read_dates_ahead(self, bk: BackendBox) -> None:
+        """Start reading the received dates S7 will sort by, while the other backends
+        are synced: for an sdbox backend of a definition with several, the messages
+        its pass left in the uid map without a virtual uid (in the first sync of a
+        process, those the virtual index has no record of), unless the cache has
+        their dates. Only a head start: what S7 asks for and was not read here is read
+        then."""
+        if len(self.vbox.backends) < 2:
+            return                      # one backend: S7 keeps its order, no dates
+        data = self.data.get(bk.mailbox_id)
+        if data is None or data.box.driver != "sdbox" or not len(bk.uid_real):
+            return
+        cand = bk.uid_real[bk.uid_virtual == 0]
+        if not self.vbox.uids_mapped and len(cand):
+            cand = cand[~np.isin(cand, self.v_real[self.v_mailbox == bk.mailbox_id])]
+        if len(cand) < _READ_AHEAD_MIN:
+            return
+        pos, ok = data.seqs_of(cand)
+        pos = pos[ok]
+        _cached, todo = data.cached_received_dates_at(pos)
+        pos = pos[todo]
+        if len(pos) < _READ_AHEAD_MIN:
+            return
+        if self.date_reader is None:
+            from dovecot_index.storage.sdbox import ReceivedDateReader
+
+            self.date_reader = ReceivedDateReader()
+        self.date_reader.submit(data.box, data.uids[pos], data.flags[pos])
 
     # ---------------------------------------------------------------------- S3 ---
     def push_changes(self) -> None:
@@ -1461,7 +1510,8 @@ class _Sync:
                 pos, ok = data.seqs_of(reals[sel])
                 wanted.append((data, pos[ok]))
                 where.append(sel[ok])
-            for sel, d in zip(where, received_dates_of(wanted), strict=True):
+            for sel, d in zip(where, received_dates_of(wanted, self.date_reader),
+                              strict=True):
                 dates[sel] = d
             order = np.lexsort((reals, dates))
             mids, reals = mids[order], reals[order]

@@ -26,6 +26,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from .listing import (
     Mailbox,
@@ -315,6 +318,94 @@ def received_dates_batch(requests: Sequence[tuple[SdboxMailbox, Sequence[int],
             out[k] += dates[pos:pos + j - i]
             pos += j - i
     return out
+
+
+class ReceivedDateReader:
+    """:func:`received_dates_batch` started ahead of need: each :meth:`submit` hands
+    one mailbox's files to forked worker processes at once and returns, so they are
+    read while the caller goes on (a virtual sync submits each backend right after its
+    pass and collects the dates when it sorts the new messages); :meth:`take` waits for
+    them. With fewer than three workers (see :func:`received_dates_batch`) nothing is
+    submitted and :meth:`take` finds nothing. :meth:`close` ends the workers."""
+
+    def __init__(self) -> None:
+        self._workers = min((os.cpu_count() or 1) + 1, 8)
+        self._pool: Any = None
+        #: (directory, ALT directory) -> submitted parts: (uids, pending result)
+        self._parts: dict[tuple[str, str | None], list[tuple[np.ndarray, Any]]] = {}
+
+    @staticmethod
+    def _key(box: SdboxMailbox) -> tuple[str, str | None]:
+        return (os.fspath(box.path),
+                os.fspath(box.alt_path) if box.alt_path is not None else None)
+
+    def submit(self, box: SdboxMailbox, uids: Sequence[int], flags: Sequence[int]
+               ) -> bool:
+        """Start reading the dates of ``uids`` (index record ``flags`` alongside);
+        whether it was started."""
+        if len(uids) != len(flags):
+            raise ValueError("uids and flags differ in length")
+        if self._workers < 3 or not len(uids):
+            return False
+        if self._pool is None:
+            import multiprocessing
+
+            try:
+                self._pool = multiprocessing.get_context("fork").Pool(self._workers)
+            except OSError:
+                self._workers = 0
+                return False
+        directory, alt = self._key(box)
+        u_all = list(map(int, uids))
+        f_all = list(map(int, flags))
+        step = max(1_000, -(-len(u_all) // (self._workers * 2)))
+        parts = self._parts.setdefault((directory, alt), [])
+        for i in range(0, len(u_all), step):
+            u, f = u_all[i:i + step], f_all[i:i + step]
+            parts.append((np.asarray(u, np.int64), self._pool.apply_async(
+                _received_dates_job, (directory, alt, u, f))))
+        return True
+
+    def take(self, box: SdboxMailbox, uids: Sequence[int]
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """The dates of those ``uids`` that were submitted (waiting for them), and a
+        mask of which they are; a part whose worker failed counts as not submitted."""
+        want = np.asarray(uids, np.int64)
+        out = np.zeros(len(want), np.int64)
+        have = np.zeros(len(want), bool)
+        done_u, done_d = [], []
+        for u, pending in self._parts.get(self._key(box), []):
+            try:
+                dates = np.frombuffer(pending.get(), np.int64)
+            except Exception:  # noqa: BLE001 - that part is simply read again
+                continue
+            if len(dates) == len(u):
+                done_u.append(u)
+                done_d.append(dates)
+        if not done_u or not len(want):
+            return out, have
+        got_u = np.concatenate(done_u)
+        got_d = np.concatenate(done_d)
+        order = np.argsort(got_u, kind="stable")
+        got_u, got_d = got_u[order], got_d[order]
+        pos = np.minimum(np.searchsorted(got_u, want), len(got_u) - 1)
+        have = got_u[pos] == want
+        out[have] = got_d[pos[have]]
+        return out, have
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self._parts.clear()
+
+
+def _received_dates_job(directory: str, alt: str | None, uids: list[int],
+                        flags: list[int]) -> bytes:
+    """A :class:`ReceivedDateReader` worker's part: the dates as int64 bytes."""
+    return np.asarray(_received_dates_in(directory, alt, uids, flags),
+                      np.int64).tobytes()
 
 
 def _received_dates_part(part: list[tuple[int, int, int]]) -> list[int]:
