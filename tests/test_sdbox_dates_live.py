@@ -84,8 +84,8 @@ def test_dates_read_ahead_equal_batch(live_dovecot_factory, monkeypatch) -> None
     monkeypatch.setattr(sd.os, "cpu_count", lambda: 2)    # 3 workers
     reader = sd.ReceivedDateReader()
     try:
+        assert reader.submit(box, uids[30:33], flags[30:33])   # (out of order)
         assert reader.submit(box, uids[5:30], flags[5:30])
-        assert reader.submit(box, uids[30:33], flags[30:33])
         got, have = reader.take(box, uids)
     finally:
         reader.close()

@@ -356,14 +356,15 @@ class ReceivedDateReader:
                 self._workers = 0
                 return False
         directory, alt = self._key(box)
-        u_all = list(map(int, uids))
-        f_all = list(map(int, flags))
+        u_all = np.asarray(uids, np.int64)
+        f_all = np.asarray(flags, np.int64)
         step = max(1_000, -(-len(u_all) // (self._workers * 2)))
         parts = self._parts.setdefault((directory, alt), [])
         for i in range(0, len(u_all), step):
             u, f = u_all[i:i + step], f_all[i:i + step]
-            parts.append((np.asarray(u, np.int64), self._pool.apply_async(
-                _received_dates_job, (directory, alt, u, f))))
+            # (as bytes: the arguments are pickled, and the workers do the conversion)
+            parts.append((u, self._pool.apply_async(
+                _received_dates_job, (directory, alt, u.tobytes(), f.tobytes()))))
         return True
 
     def take(self, box: SdboxMailbox, uids: Sequence[int]
@@ -386,8 +387,9 @@ class ReceivedDateReader:
             return out, have
         got_u = np.concatenate(done_u)
         got_d = np.concatenate(done_d)
-        order = np.argsort(got_u, kind="stable")
-        got_u, got_d = got_u[order], got_d[order]
+        if len(got_u) > 1 and not bool(np.all(got_u[1:] > got_u[:-1])):
+            order = np.argsort(got_u, kind="stable")
+            got_u, got_d = got_u[order], got_d[order]
         pos = np.minimum(np.searchsorted(got_u, want), len(got_u) - 1)
         have = got_u[pos] == want
         out[have] = got_d[pos[have]]
@@ -401,11 +403,13 @@ class ReceivedDateReader:
         self._parts.clear()
 
 
-def _received_dates_job(directory: str, alt: str | None, uids: list[int],
-                        flags: list[int]) -> bytes:
-    """A :class:`ReceivedDateReader` worker's part: the dates as int64 bytes."""
-    return np.asarray(_received_dates_in(directory, alt, uids, flags),
-                      np.int64).tobytes()
+def _received_dates_job(directory: str, alt: str | None, uids: bytes, flags: bytes
+                        ) -> bytes:
+    """A :class:`ReceivedDateReader` worker's part (uids and flags as int64 bytes):
+    the dates as int64 bytes."""
+    return np.asarray(_received_dates_in(
+        directory, alt, np.frombuffer(uids, np.int64).tolist(),
+        np.frombuffer(flags, np.int64).tolist()), np.int64).tobytes()
 
 
 def _received_dates_part(part: list[tuple[int, int, int]]) -> list[int]:
