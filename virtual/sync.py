@@ -113,6 +113,8 @@ class _Backend:
     _dates: np.ndarray | None = None
     _kw_codes: tuple[np.ndarray, list[tuple[str, ...]]] | None = None
     _cached_dates: Any = False    # the cache's date.received (False: not looked up)
+    #: stat signature of the index files taken before the view was read
+    signature: Any = None
 
     def seqs_of(self, real_uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """0-based positions of ``real_uids`` in the backend and which exist."""
@@ -763,6 +765,20 @@ def _list_index_has_node(directory: Path) -> bool:
         is not None
 
 
+def _index_signature(directory: Path) -> tuple[Any, ...]:
+    """(inode, device, size, mtime) of ``dovecot.index``, ``.log`` and ``.log.2``
+    (``None`` for a missing one): equal twice, nothing was written in between."""
+    out: list[Any] = []
+    for name in ("dovecot.index", "dovecot.index.log", "dovecot.index.log.2"):
+        try:
+            st = os.stat(Path(directory) / name)
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
     """``np.unique`` of an already sorted array."""
     if len(a) < 2:
@@ -850,6 +866,7 @@ class _Sync:
 
         try:
             box = self.vbox.storage.mailbox(bk.name)
+            signature = _index_signature(box.index_dir)
             view = box.view
             status = box.status(["uidvalidity", "uidnext", "highestmodseq", "guid"])
         except MailboxNotFoundError:
@@ -862,6 +879,7 @@ class _Sync:
         data = _Backend(box, view, np.asarray(recs["uid"], U32),
                         np.asarray(recs["flags"], np.uint8), status.uidvalidity,
                         status.uidnext, status.highestmodseq, bytes.fromhex(status.guid))
+        data.signature = signature
         self.data[bk.mailbox_id] = data
         return data
 
@@ -885,6 +903,15 @@ class _Sync:
 
         push = self.pushes.pop(bk.mailbox_id, None)
         if self.dry_run:
+            return
+        data = self.data.get(bk.mailbox_id)
+        if push is None and data is not None and data.box.driver == "sdbox" \
+                and data.signature is not None and data.signature[1] is not None \
+                and data.signature == _index_signature(data.box.index_dir) \
+                and not data.view.pending():
+            # sdbox_sync without requests writes nothing, and the files are those the
+            # view was read from: the view is what the sync would leave
+            self.opened[bk.mailbox_id] = data.box
             return
         if push is not None and push.transaction.mailbox.directory.is_dir():
             # (a backend deleted since this process opened it takes the changes into
