@@ -70,17 +70,16 @@ def test_ours_equals_dovecot_open(seed: int) -> None:
 @pytest.mark.live
 @pytest.mark.parametrize("seed", SESSION_SEEDS)
 def test_ours_session_equals_dovecot_session(seed: int) -> None:
-    # Dovecot 2.3.19.1's own session process now and then dies in a scenario it
-    # otherwise runs through (uninitialised memory); such a run has no reference from
-    # then on (``stopped``) and is run again, up to three times in all
+    # Dovecot 2.3.19.1's own session process now and then dies before the last round
+    # of a scenario it otherwise runs through (uninitialised memory); such a run has
+    # no reference from then on and is run again, up to three times in all
     for _attempt in range(3):
         result = run_scenario(seed, rounds=5, engine_a="dovecot-session",
                               engine_b="ours-session")
         assert result.ok, format_failure(result.failure)
-        if result.stopped is None:
+        if result.rounds_run == 6:
             break
-    assert result.stopped is None, f"Dovecot's session crashed 3 times: {result.stopped}"
-    assert result.rounds_run == 6
+    assert result.rounds_run == 6, result.stopped
 
 
 @pytest.mark.live
