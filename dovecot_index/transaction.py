@@ -351,6 +351,20 @@ class MainIndexState:
         return (fst.st_ino, fst.st_dev) == (st.st_ino, st.st_dev)
 
 
+def index_signature(directory: str | os.PathLike[str], prefix: str = INDEX_PREFIX
+                    ) -> tuple[Any, ...]:
+    """(inode, device, size, mtime) of the index, ``.log`` and ``.log.2`` (``None``
+    for a missing one): equal twice, none of them was written in between."""
+    sig: list[Any] = []
+    for suffix in ("", ".log", ".log.2"):
+        try:
+            st = os.stat(Path(directory) / (prefix + suffix))
+            sig.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            sig.append(None)
+    return tuple(sig)
+
+
 class MailboxIndex:
     """One mailbox's index directory (``dovecot.index``, ``.log``, ``.log.2``) opened
     for writing (``struct mail_index`` with its settings).
@@ -423,14 +437,7 @@ class MailboxIndex:
 
     # ------------------------------------------------------------------ views ---
     def _signature(self) -> tuple[Any, ...]:
-        sig: list[Any] = []
-        for path in (self.index_path, self.log_path, self.log2_path):
-            try:
-                st = os.stat(path)
-                sig.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                sig.append(None)
-        return tuple(sig)
+        return index_signature(self.directory, self.prefix)
 
     def _view_with_signature(self) -> tuple[MailboxView, tuple[Any, ...] | None]:
         """A replayed view and the (index, log, log.2) stat signature it belongs to

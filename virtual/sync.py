@@ -53,7 +53,12 @@ from dovecot_index.storage.list_index import (
     cached_status,
     cached_status_usable,
 )
-from dovecot_index.transaction import MailboxIndex, SyncContext, Transaction
+from dovecot_index.transaction import (
+    MailboxIndex,
+    SyncContext,
+    Transaction,
+    index_signature,
+)
 from dovecot_index.view import MailboxView
 
 from .config import BackendRule, VirtualConfig, expand_backends, read_virtual_config
@@ -765,20 +770,6 @@ def _list_index_has_node(directory: Path) -> bool:
         is not None
 
 
-def _index_signature(directory: Path) -> tuple[Any, ...]:
-    """(inode, device, size, mtime) of ``dovecot.index``, ``.log`` and ``.log.2``
-    (``None`` for a missing one): equal twice, nothing was written in between."""
-    out: list[Any] = []
-    for name in ("dovecot.index", "dovecot.index.log", "dovecot.index.log.2"):
-        try:
-            st = os.stat(Path(directory) / name)
-        except FileNotFoundError:
-            out.append(None)
-            continue
-        out.append((st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
     """``np.unique`` of an already sorted array."""
     if len(a) < 2:
@@ -866,7 +857,7 @@ class _Sync:
 
         try:
             box = self.vbox.storage.mailbox(bk.name)
-            signature = _index_signature(box.index_dir)
+            signature = index_signature(box.index_dir)
             view = box.view
             status = box.status(["uidvalidity", "uidnext", "highestmodseq", "guid"])
         except MailboxNotFoundError:
@@ -907,7 +898,7 @@ class _Sync:
         data = self.data.get(bk.mailbox_id)
         if push is None and data is not None and data.box.driver == "sdbox" \
                 and data.signature is not None and data.signature[1] is not None \
-                and data.signature == _index_signature(data.box.index_dir) \
+                and data.signature == index_signature(data.box.index_dir) \
                 and not data.view.pending():
             # sdbox_sync without requests writes nothing, and the files are those the
             # view was read from: the view is what the sync would leave
@@ -962,30 +953,23 @@ class _Sync:
             return
         real_uids = np.asarray(real_uids, U32)
         pos, ok = data.seqs_of(real_uids)
+        keep = ok | np.isin(real_uids, list(gone)) if gone else ok
+        vuids, real_uids, pos, ok = (np.asarray(vuids, U32)[keep], real_uids[keep],
+                                     pos[keep], ok[keep])
+        if not len(vuids):
+            return
+        flags = np.zeros(len(vuids), np.uint8)
+        codes = np.zeros(len(vuids), np.int64)
+        flags[ok] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
+        codes[ok] = self._global_kw(data)[pos[ok]]
         if gone:
-            extra = ~ok & np.isin(real_uids, list(gone))
-            keep = ok | extra
-            vuids, real_uids, pos, ok = (np.asarray(vuids, U32)[keep], real_uids[keep],
-                                         pos[keep], ok[keep])
-            if not len(vuids):
-                return
-            flags = np.zeros(len(vuids), np.uint8)
-            codes = np.zeros(len(vuids), np.int64)
-            flags[ok] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
-            codes[ok] = self._global_kw(data)[pos[ok]]
             order = list(data.view.index.keywords)
             for i in np.flatnonzero(~ok).tolist():
                 fl, names = gone[int(real_uids[i])]
                 flags[i] = fl & BACKEND_FLAG_MASK
                 kws = tuple(n for n in order if n.lower() in names)
                 codes[i] = self.kw_table.setdefault(kws, len(self.kw_table))
-            self.copies.append((vuids, flags, codes))
-            return
-        vuids, pos = np.asarray(vuids, U32)[ok], pos[ok]
-        if not len(vuids):
-            return
-        flags = data.flags[pos] & BACKEND_FLAG_MASK
-        self.copies.append((vuids, flags, self._global_kw(data)[pos]))
+        self.copies.append((vuids, flags, codes))
 
     def _global_kw(self, data: _Backend) -> np.ndarray:
         """The backend's per-message keyword codes as codes into this sync's table of
