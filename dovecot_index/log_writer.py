@@ -83,36 +83,58 @@ class LogLostError(DovecotIndexError):
 
 
 # ===================================================================== encoding ===
-def encode_record(rtype: int, payload: bytes, trans_flags: int = 0) -> bytes:
-    """One record as ``mail_transaction_log_append_add`` frames it: encoded size, type
-    with the transaction's flags, expunge protection bits, BOUNDARY always EXTERNAL."""
-    if len(payload) % 4:
-        raise ValueError(f"record payload of {len(payload)} bytes is not 4-byte aligned")
+def _record_header(rtype: int, payload_size: int, trans_flags: int = 0) -> bytes:
+    """The 8-byte head :func:`encode_record` puts before a payload."""
+    if payload_size % 4:
+        raise ValueError(f"record payload of {payload_size} bytes is not 4-byte aligned")
     kind = rtype & MAIL_TRANSACTION_TYPE_MASK
     full = kind | trans_flags
     if kind in (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID):
         full |= MAIL_TRANSACTION_EXPUNGE_PROT
     if kind == RecordKind.BOUNDARY:
         full |= MAIL_TRANSACTION_EXTERNAL
-    return b.uint32_to_offset(RECORD_HEADER_SIZE + len(payload)) + _U32.pack(full) + payload
+    return b.uint32_to_offset(RECORD_HEADER_SIZE + payload_size) + _U32.pack(full)
 
 
-def encode_transaction(records: Sequence[tuple[int, bytes]], trans_flags: int = 0
-                       ) -> tuple[bytes, list[tuple[int, int, int]]]:
+def encode_record(rtype: int, payload: bytes, trans_flags: int = 0) -> bytes:
+    """One record as ``mail_transaction_log_append_add`` frames it: encoded size, type
+    with the transaction's flags, expunge protection bits, BOUNDARY always EXTERNAL."""
+    return _record_header(rtype, len(payload), trans_flags) + payload
+
+
+def encoded_transaction_size(records: Sequence[tuple[int, bytes]]) -> int:
+    """``len`` of :func:`encode_transaction`'s bytes for ``records``, without them."""
+    sizes = [RECORD_HEADER_SIZE + len(p) for _t, p in records if p]
+    return sum(sizes) + (RECORD_HEADER_SIZE + 4 if len(sizes) > 1 else 0)
+
+
+def encode_transaction(records: Sequence[tuple[int, bytes]], trans_flags: int = 0,
+                       trailer: bytes = b"") -> tuple[bytes, list[tuple[int, int, int]]]:
     """The bytes of a whole transaction and ``(relative offset, type word, size)`` of each
     record (``mail_transaction_log_append_begin`` + ``_append_locked``): a leading
     BOUNDARY holding the total size unless there is at most one record; empty payloads
-    are skipped like ``mail_transaction_log_append_add`` does."""
-    parts = [encode_record(t, p, trans_flags) for t, p in records if p]
-    if len(parts) > 1:
-        total = 12 + sum(len(p) for p in parts)
-        parts.insert(0, encode_record(RecordKind.BOUNDARY, _U32.pack(total), trans_flags))
+    are skipped like ``mail_transaction_log_append_add`` does. ``trailer``, one record
+    already encoded (a tail offset update), follows outside the BOUNDARY. Every payload
+    is copied once, into the result."""
+    kept = [(t, p) for t, p in records if p]
+    pieces: list[bytes] = []
     out: list[tuple[int, int, int]] = []
     pos = 0
-    for part in parts:
-        out.append((pos, _U32.unpack_from(part, 4)[0], len(part)))
-        pos += len(part)
-    return b"".join(parts), out
+    if len(kept) > 1:
+        boundary = encode_record(RecordKind.BOUNDARY,
+                                 _U32.pack(encoded_transaction_size(kept)), trans_flags)
+        pieces.append(boundary)
+        out.append((0, _U32.unpack_from(boundary, 4)[0], len(boundary)))
+        pos = len(boundary)
+    for t, p in kept:
+        head = _record_header(t, len(p), trans_flags)
+        pieces += (head, p)
+        out.append((pos, _U32.unpack_from(head, 4)[0], len(head) + len(p)))
+        pos += len(head) + len(p)
+    if trailer:
+        pieces.append(trailer)
+        out.append((pos, _U32.unpack_from(trailer, 4)[0], len(trailer)))
+    return b"".join(pieces), out
 
 
 # ====================================================================== framing ===
@@ -771,6 +793,7 @@ __all__ = [
     "create_log_file",
     "encode_record",
     "encode_transaction",
+    "encoded_transaction_size",
     "fcntl_lock",
     "flock_lock",
     "locked_by_this_process",

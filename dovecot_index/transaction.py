@@ -103,10 +103,12 @@ from .log_writer import (
     create_log_file,
     encode_record,
     encode_transaction,
+    encoded_transaction_size,
     locked_by_this_process,
     rotated_header,
     want_rotate,
 )
+from .replay_batch import Framed, record_modseqs
 from .view import MailboxView
 
 INDEX_PREFIX = "dovecot.index"
@@ -1703,20 +1705,21 @@ class SyncContext:
             tail_value = 0
             if t.has_changes or tail_changed:  # MAIL_INDEX_TRANSACTION_HAS_CHANGES
                 records, appended = t._export(self.view)
-                data, rel = encode_transaction(records, MAIL_TRANSACTION_EXTERNAL)
+                size = encoded_transaction_size(records)
                 # log_append_sync_offset_if_needed
                 write_tail = True
                 if max_tail == log.sync_offset:
-                    if not data and not tail_changed:
+                    if not size and not tail_changed:
                         write_tail = False
                     else:
-                        max_tail += len(data) + _TAIL_RECORD_SIZE
+                        max_tail += size + _TAIL_RECORD_SIZE
+                tail_record = b""
                 if write_tail and max_tail != self._tracking.last_read:
                     tail_value = max_tail
-                    record = encode_record(RecordKind.HEADER_UPDATE, _TAIL_UPDATE.pack(
+                    tail_record = encode_record(RecordKind.HEADER_UPDATE, _TAIL_UPDATE.pack(
                         _TAIL_OFFSET, 4, tail_value), MAIL_TRANSACTION_EXTERNAL)
-                    rel.append((len(data), _U32.unpack_from(record, 4)[0], len(record)))
-                    data += record
+                data, rel = encode_transaction(records, MAIL_TRANSACTION_EXTERNAL,
+                                               trailer=tail_record)
             truncated = log.garbage
             offset = log.sync_offset
             if data:
@@ -2022,13 +2025,15 @@ def _day_headers(hdr: Container, first_uid: int, buf: bytearray, mask: bytearray
 
 def _modseq_after(header: Container, start: int, data: bytes) -> int:
     """The log's highest modseq after ``data`` (``mail_transaction_update_modseq`` over
-    our own records, via the reader)."""
+    our own records, as the batched replay counts them)."""
     fake = Container(header)
     fake.initial_modseq = start
     fake.hdr_size = b.MAIL_TRANSACTION_LOG_HEADER_SIZE
     raw = b.MailTransactionLogHeader.build(fake) + data
     with LogFile.parse(raw) as lf:
-        return lf.highest_modseq
+        fr = Framed.of(lf)
+        n = len(fr.offs)
+        return int(record_modseqs(fr, 0, n, start)[-1]) if n else start
 
 
 __all__ = [

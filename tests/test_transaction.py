@@ -43,6 +43,7 @@ from dovecot_index.log_writer import (
     DotLock,
     LockTimeoutError,
     encode_transaction,
+    encoded_transaction_size,
     scan_sync_offset,
 )
 from dovecot_index.transaction import MailboxIndex
@@ -117,6 +118,24 @@ def test_encode_transaction_boundary_rules() -> None:
     exp_type = struct.unpack_from("<I", two, 36)[0]
     assert exp_type & 0x0FFFFFFF == 0xCD90 | 0x2000 and exp_type & 0x10000000
     assert encode_transaction([(RecordKind.FLAG_UPDATE, b"")])[0] == b""
+
+
+def test_encode_transaction_trailer_and_size() -> None:
+    records = [(RecordKind.FLAG_UPDATE, bytes(12)), (RecordKind.APPEND, b""),
+               (RecordKind.EXPUNGE_GUID, bytes(20))]
+    plain, plain_recs = encode_transaction(records)
+    assert encoded_transaction_size(records) == len(plain) == 60
+    assert encoded_transaction_size(records[:2]) == 20
+    assert encoded_transaction_size([]) == 0
+    tail = log_writer.encode_record(RecordKind.HEADER_UPDATE, bytes(8),
+                                    log_writer.MAIL_TRANSACTION_EXTERNAL)
+    data, recs = encode_transaction(records, trailer=tail)
+    # the trailer follows the transaction, outside the BOUNDARY's total
+    assert data == plain + tail and recs[:-1] == plain_recs
+    assert recs[-1] == (60, struct.unpack_from("<I", tail, 4)[0], 16)
+    assert struct.unpack_from("<I", data, 8)[0] == 60
+    lone, lone_recs = encode_transaction([(RecordKind.FLAG_UPDATE, b"")], trailer=tail)
+    assert lone == tail and lone_recs == [(0, recs[-1][1], 16)]
 
 
 def test_scan_sync_offset_stops_at_unfinished_transaction() -> None:
