@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from .errors import DovecotIndexError
 from .index_file import IndexFile
+from .memory import keep_freed_memory
 
 PROG = "dovecot-index"
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -352,8 +352,10 @@ def child_sync(args: argparse.Namespace) -> int:
     """``--child-sync CONFIG HOME VNAME USER``: one fresh sync, figures as JSON."""
     import cProfile
 
+    from dovecot_index.memory import keep_freed_memory
     from virtual.sync import VirtualMailbox
 
+    keep_freed_memory()               # as the command line does (dovecot_index.cli.main)
     config, home, vname, user = args.child_sync
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     profiler = cProfile.Profile() if args.profile_out else None
