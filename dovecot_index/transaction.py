@@ -738,7 +738,8 @@ class Transaction:
         self.changes_view: IndexFile | None = None
         self._ops: list[tuple[Any, ...]] = []
         #: append calls in order: (explicit uids or None, count, flags, keywords)
-        self._appends: list[tuple[np.ndarray | None, int, int, tuple[str, ...]]] = []
+        self._appends: list[tuple[np.ndarray | None, int, int | np.ndarray,
+                                  tuple[str, ...]]] = []
         #: every explicit append uid so far, sorted (duplicate check)
         self._append_uids = np.zeros(0, np.int64)
         self._pre_hdr = bytearray(_BASE_HEADER_SIZE)
@@ -783,10 +784,12 @@ class Transaction:
                     or any(_ext_has_changes(c) for c in self._ext.values()))
 
     # --------------------------------------------------------------- appends ---
-    def append(self, uids: Iterable[int] | int | None = None, flags: int = 0,
+    def append(self, uids: Iterable[int] | int | None = None,
+               flags: int | Sequence[int] | np.ndarray = 0,
                keywords: Iterable[str] = (), *, count: int | None = None) -> None:
         """``mail_index_append``: new messages with ``flags`` (the record byte, e.g.
-        ``MAIL_SEEN | MAIL_FLAGGED``; ``\\Recent`` is dropped) and ``keywords``.
+        ``MAIL_SEEN | MAIL_FLAGGED``; ``\\Recent`` is dropped; or one such byte per
+        uid) and ``keywords``.
 
         Give explicit ``uids`` (each >= the index's ``next_uid`` at commit) or ``count``
         to have the next free UIDs assigned at commit (``mail_index_append_finish_uids``;
@@ -794,16 +797,27 @@ class Transaction:
         """
         self._check_open()
         kw = tuple(keywords)
-        flags &= 0xFF & ~b.MAIL_RECENT
+        keep = 0xFF & ~b.MAIL_RECENT
+        if isinstance(flags, (int, np.integer)):
+            fl: int | np.ndarray = int(flags) & keep
+        else:
+            fl = np.asarray(flags, dtype=np.int64)
+            if fl.ndim != 1 or (len(fl) and (fl.min() < 0 or fl.max() > 0xFF)):
+                raise ValueError("flags must be one record byte per uid")
+            fl = (fl & keep).astype(np.uint8)
         if count is not None:
             if uids is not None:
                 raise ValueError("give uids or count, not both")
+            if isinstance(fl, np.ndarray) and len(fl) != count:
+                raise ValueError("flags and count differ")
             if count > 0:
-                self._appends.append((None, count, flags, kw))
+                self._appends.append((None, count, fl, kw))
             return
         if uids is None:
             raise ValueError("append needs uids or count")
         arr = np.atleast_1d(np.asarray(uids, dtype=np.int64)).copy()
+        if isinstance(fl, np.ndarray) and len(fl) != len(arr):
+            raise ValueError("uids and flags differ in length")
         if not len(arr):
             return
         if int(arr.min()) <= 0 or int(arr.max()) >= 0xFFFFFFFF:
@@ -819,7 +833,7 @@ class Transaction:
             raise ValueError(f"duplicate UID {int(dup.min())} appended in transaction")
         self._append_uids = np.concatenate([have, new]) if not len(have) or \
             new[0] > have[-1] else np.sort(np.concatenate([have, new]))
-        self._appends.append((arr, len(arr), flags, kw))
+        self._appends.append((arr, len(arr), fl, kw))
 
     # ----------------------------------------------------------------- flags ---
     def update_flags(self, uids: Iterable[int] | int, *, add: int = 0, remove: int = 0,
@@ -1140,7 +1154,8 @@ class Transaction:
                 a_uids = np.arange(auto_next, auto_next + a_count, dtype=np.int64)
                 auto_next += a_count
             uid_parts.append(a_uids)
-            flag_parts.append(np.full(len(a_uids), fl, np.uint8))
+            flag_parts.append(fl if isinstance(fl, np.ndarray)
+                              else np.full(len(a_uids), fl, np.uint8))
             if kw:
                 by_kw.setdefault(kw, []).append(a_uids)
         if uid_parts:
@@ -1722,12 +1737,12 @@ class SyncContext:
                                                trailer=tail_record)
             truncated = log.garbage
             offset = log.sync_offset
+            modseq: int | None = modseq_before
             if data:
                 offset = log.append(data, fsync=mbox.fsync)
-                modseq = _modseq_after(log.header, modseq_before, data)
+                modseq = None       # counted below (by the replay if the index is written)
             else:
                 truncated = 0
-                modseq = modseq_before
             # --- the map after the commit, rotation, index rewrite --------------
             # the map after the commit (mail_index_map(FILE)): its tail is the replayed
             # one, moved by a tail record, and at least the log's max_tail_offset,
@@ -1750,6 +1765,7 @@ class SyncContext:
                 # process's index descriptor still names the file on disk
                 if rotate_reason or mi is None or mi.should_recreate():
                     post = mbox._locked_view(log)
+                    modseq = post.highest_modseq
                     if rotate_reason:
                         mbox._rotate_locked(log, post)
                         rotated = True
@@ -1761,6 +1777,8 @@ class SyncContext:
                     # (mail_index_map after the commit) reopens the index at once
                     mi.open()
                     reopened = True
+            if modseq is None:
+                modseq = _modseq_after(log.header, modseq_before, data)
             new_seq = int(log.header.file_seq)
             if mi is not None:
                 if rotate_reason or index_reason:

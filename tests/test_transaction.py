@@ -138,6 +138,31 @@ def test_encode_transaction_trailer_and_size() -> None:
     assert lone == tail and lone_recs == [(0, recs[-1][1], 16)]
 
 
+def test_append_with_flags_per_uid_equals_one_call_per_flag(tmp_path: Path) -> None:
+    uids = [7, 3, 4, 9, 5]
+    flags = [SEEN, SEEN | b.MAIL_RECENT, 0, FLAGGED, SEEN]
+    logs = []
+    for name, calls in (("grouped", [([3, 5], SEEN), ([4], 0), ([7], SEEN), ([9], FLAGGED)]),
+                        ("array", [(uids, np.array(flags))])):
+        (tmp_path / name).mkdir()
+        idx = MailboxIndex(tmp_path / name, fsync=False)
+        with idx.transaction(external=True) as t:
+            t.set_uid_validity(1_700_000_000)
+            for u, f in calls:
+                t.append(u, f)
+        assert t.result is not None and t.result.appended_uids == (3, 4, 5, 7, 9)
+        view = MailboxView(tmp_path / name)
+        assert view.index.records["flags"].tolist() == [SEEN, 0, SEEN, SEEN, FLAGGED]
+        with LogFile.open(tmp_path / name / "dovecot.index.log") as lf:
+            logs.append(bytes(lf.data[b.MAIL_TRANSACTION_LOG_HEADER_SIZE:]))
+    assert logs[0] == logs[1]
+    t = MailboxIndex(tmp_path / "grouped", fsync=False).transaction()
+    with pytest.raises(ValueError, match="differ"):
+        t.append([1, 2], [SEEN])
+    with pytest.raises(ValueError, match="record byte"):
+        t.append([1], [256])
+
+
 def test_scan_sync_offset_stops_at_unfinished_transaction() -> None:
     data, _ = encode_transaction([(RecordKind.FLAG_UPDATE, bytes(12)),
                                   (RecordKind.FLAG_UPDATE, bytes(12))])

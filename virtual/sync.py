@@ -1540,8 +1540,7 @@ class _Sync:
             pos, ok = data.seqs_of(reals[sel])
             flags[sel[ok]] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
             kw[sel[ok]] = self._global_kw(data)[pos[ok]]
-        for f in np.unique(flags).tolist():
-            self.t.append(new_uids[flags == f], flags=int(f))
+        self.t.append(new_uids, flags=flags)
         recs = np.zeros(len(mids), np.dtype([("mailbox_id", "<u4"), ("real_uid", "<u4")]))
         recs["mailbox_id"], recs["real_uid"] = mids, reals
         self.t.update_ext_records(VIRTUAL_EXT, new_uids, recs)
