@@ -398,7 +398,6 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         return p[alive], item[alive]
 
     # ---- expunges (external only take effect); every one validated
-    death = np.full(total, np.iinfo(np.int64).max)
     ex_rows_p = np.zeros(0, np.int64)
     ex_rows_r = np.zeros(0, np.int64)
     ex_rows_k = np.zeros(0, np.int64)
@@ -426,7 +425,10 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         ex_rows_p = np.concatenate([ex_rows_p, p[ok]])
         ex_rows_r = np.concatenate([ex_rows_r, owner[ok]])
         ex_rows_k = np.concatenate([ex_rows_k, k[ok]])
+    # the record that expunged each message (None: none was)
+    death: np.ndarray | None = None
     if len(ex_rows_p):
+        death = np.full(total, np.iinfo(np.int64).max)
         np.minimum.at(death, ex_rows_p, ex_rows_r)
         first = death[ex_rows_p] == ex_rows_r  # later expunges of the same uid: no-ops
         ex_rows_p, ex_rows_r, ex_rows_k = ex_rows_p[first], ex_rows_r[first], \
@@ -437,8 +439,9 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         keep.sort()
         ex_rows_p, ex_rows_r, ex_rows_k = ex_rows_p[keep], ex_rows_r[keep], ex_rows_k[keep]
 
-    def alive_at(p: np.ndarray, r: np.ndarray) -> np.ndarray:
-        return (birth[p] < r) & (r < death[p])
+    def alive_at(p: np.ndarray | slice, r: np.ndarray | int) -> np.ndarray:
+        alive = birth[p] < r
+        return alive if death is None else alive & (r < death[p])
 
     # ---- flag updates
     fu = recs(K.FLAG_UPDATE)
@@ -463,7 +466,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         f_int = np.zeros(0, bool)
 
     # final flags: per bit, the last update touching it while the message was alive
-    flags = flags0.copy()
+    flags = flags0.copy() if len(f_p) else flags0
     if len(f_p):
         order = np.arange(len(f_p))  # rows are already in log order
         for bit in range(8):
@@ -534,7 +537,8 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
     if len(intro_recs):
         view.state.cur_ext = int(fr.u32(np.array([fr.offs[intro_recs[-1]] + 8]))[0])
         view.state.cur_ext_ignore = False
-    ext_rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+    # (ext, message positions - a slice for a run of all of them -, data)
+    ext_rows: list[tuple[int, np.ndarray | slice, np.ndarray]] = []
     for r in recs(K.EXT_REC_UPDATE).tolist():
         e = cur_for[r]
         if e is None:
@@ -553,11 +557,20 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         if np.any(u == 0) or np.any(u >= rec_next[r - r0]):
             raise NeedReference("ext rec uid")
         data = _gather(fr.buf, pos + 4, rs)
-        p = np.searchsorted(uids, u)
-        ok = p < total
-        ok[ok] = uids[p[ok]] == u[ok]
-        ok[ok] = alive_at(p[ok], np.full(int(ok.sum()), r))
-        ext_rows.append((e, p[ok], data[ok], np.full(int(ok.sum()), r)))
+        k = _run_start(uids, u)
+        if k >= 0:             # the uids of messages k, k+1, ... in order (appends' updates)
+            run = slice(k, k + len(u))
+            ok = alive_at(run, r)
+            if ok.all():
+                ext_rows.append((e, run, data))
+                continue
+            p = np.arange(k, k + len(u))
+        else:
+            p = np.searchsorted(uids, u)
+            ok = p < total
+            ok[ok] = uids[p[ok]] == u[ok]
+            ok[ok] = alive_at(p[ok], r)
+        ext_rows.append((e, p[ok], data[ok]))
     if len(intro_recs):
         last = intro_recs[-1]
         o = int(fr.offs[last]) + 8
@@ -588,8 +601,8 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         mu_p, mu_v = p[ok], v[ok]
 
     # ---- build the new record array
-    keep = death == np.iinfo(np.int64).max
-    allrec["flags"] = flags.astype(np.uint8)
+    if flags is not flags0:
+        allrec["flags"] = flags.astype(np.uint8)
     raw = record_bytes(allrec)
     if kw_ext is not None and kw_ext.record_size and kw_ext.record_offset:
         cells = raw[:, kw_ext.record_offset:kw_ext.record_offset + kw_ext.record_size]
@@ -609,11 +622,11 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
             val = sv[last[has]] == 1
             m = np.uint8(1 << bit)
             cells[has, byte] = np.where(val, cells[has, byte] | m, cells[has, byte] & ~m)
-    for e, p, data, _rr in ext_rows:
+    for e, p, data in ext_rows:
         ext = idx.extensions[e] if e < len(idx.extensions) else None
         if ext is None or not ext.record_size or not ext.record_offset:
             continue
-        if ext.name == "modseq" and len(p):
+        if ext.name == "modseq" and len(data):
             raise NeedReference("record update of message modseqs")  # order matters
         width = min(data.shape[1], ext.record_size)
         raw[p, ext.record_offset:ext.record_offset + width] = data[:, :width]
@@ -638,7 +651,8 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
             bump(mu_p, mu_v)
         allrec["modseq"] = ms
     # allrec is this function's own copy: only expunges need another
-    idx.records = allrec if bool(keep.all()) else select_records(allrec, keep)
+    idx.records = allrec if death is None else \
+        select_records(allrec, death == np.iinfo(np.int64).max)
     h.messages_count = len(idx.records)
     if na:
         h.next_uid = max(next_uid0, int(a_uid[-1]) + 1)
@@ -665,6 +679,18 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
                     raise NeedReference("ext hdr outside")
                 data[item.offset:item.offset + item.size] = item.data
             ext.hdr_data = bytes(data)
+
+
+def _run_start(uids: np.ndarray, u: np.ndarray) -> int:
+    """``k`` when ``u`` equals ``uids[k:k + len(u)]`` (a run of consecutive messages
+    in order, as an append's extension records are written), else -1."""
+    if not len(u):
+        return -1
+    k = int(np.searchsorted(uids, u[0]))
+    m = len(u)
+    if k + m > len(uids) or uids[k] != u[0] or uids[k + m - 1] != u[-1]:
+        return -1
+    return k if np.array_equal(uids[k:k + m], u) else -1
 
 
 def _counters(view: MailboxView, fr: Framed, r0: int, r1: int, uids: np.ndarray,

@@ -103,7 +103,10 @@ def random_log(rng: random.Random) -> bytes:
             if name == "modseq":
                 pass  # message modseqs change through modseq updates, not records
             elif uid > 1 and rng.random() < 0.8:
-                us = sorted(rng.sample(range(1, uid), min(3, uid - 1)))
+                if rng.random() < 0.4:   # a run up to the last uid, as appends get them
+                    us = list(range(rng.randrange(1, uid), uid))
+                else:
+                    us = sorted(rng.sample(range(1, uid), min(3, uid - 1)))
                 stride = (4 + size + 3) // 4 * 4
                 parts.append(rec(0x200, b"".join(
                     struct.pack("<I", u) + rng.randbytes(size) + bytes(stride - 4 - size)
