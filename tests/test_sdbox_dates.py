@@ -54,13 +54,18 @@ def mail_dir(tmp_path: Path) -> tuple[Path, list[int]]:
     return tmp_path, uids
 
 
-def test_plain_reader_equals_general_reader(mail_dir: tuple[Path, list[int]]) -> None:
+@pytest.mark.parametrize("in_cwd", [False, True])
+def test_plain_reader_equals_general_reader(mail_dir: tuple[Path, list[int]],
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            in_cwd: bool) -> None:
     directory, uids = mail_dir
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         general = [sd._received_date_at(fd, str(directory),
                                         f"{sd.SDBOX_MAIL_FILE_PREFIX}{u}") for u in uids]
-        plain = sd._received_dates_plain(fd, str(directory), uids)
+        if in_cwd:                  # as a worker process reads (names relative to cwd)
+            monkeypatch.chdir(directory)
+        plain = sd._received_dates_plain(fd, str(directory), uids, in_cwd=in_cwd)
     finally:
         os.close(fd)
     labels = [*CASES, "missing"]

@@ -415,7 +415,7 @@ def _received_dates_job(directory: str, alt: str | None, uids: bytes, flags: byt
     the dates as int64 bytes."""
     return np.asarray(_received_dates_in(
         directory, alt, np.frombuffer(uids, np.int64).tolist(),
-        np.frombuffer(flags, np.int64).tolist()), np.int64).tobytes()
+        np.frombuffer(flags, np.int64).tolist(), worker=True), np.int64).tobytes()
 
 
 def _received_dates_part(part: list[tuple[int, int, int]]) -> list[int]:
@@ -423,14 +423,16 @@ def _received_dates_part(part: list[tuple[int, int, int]]) -> list[int]:
     out: list[int] = []
     for k, i, j in part:
         directory, alt, uids, flags = _BATCH[k]
-        out += _received_dates_in(directory, alt, uids[i:j], flags[i:j])
+        out += _received_dates_in(directory, alt, uids[i:j], flags[i:j], worker=True)
     return out
 
 
 def _received_dates_in(directory: str, alt: str | None, uids: Sequence[int],
-                       flags: Sequence[int]) -> list[int]:
+                       flags: Sequence[int], *, worker: bool = False) -> list[int]:
     """``R`` of each ``u.<uid>`` file of ``directory``; with an ALT directory, the ALT
-    one is tried first when the record's flags say so."""
+    one is tried first when the record's flags say so. ``worker``: this is a worker
+    process of its own, which may change its working directory (names opened relative
+    to it save the interpreter the ``dir_fd`` argument, a fifth of its time per file)."""
     fds: list[int | None] = []
     for d in (directory, alt):
         try:
@@ -441,7 +443,11 @@ def _received_dates_in(directory: str, alt: str | None, uids: Sequence[int],
     primary, alt_fd = fds
     try:
         if alt_fd is None:
-            return _received_dates_plain(primary, directory, uids)
+            in_cwd = False
+            if worker and primary is not None:
+                os.fchdir(primary)
+                in_cwd = True
+            return _received_dates_plain(primary, directory, uids, in_cwd=in_cwd)
         out: list[int] = []
         for uid, fl in zip(uids, flags, strict=True):
             name = SDBOX_MAIL_FILE_PREFIX + str(uid)
@@ -460,39 +466,43 @@ def _received_dates_in(directory: str, alt: str | None, uids: Sequence[int],
                 os.close(fd)
 
 
-def _received_dates_plain(dir_fd: int | None, directory: str, uids: Sequence[int]
-                          ) -> list[int]:
+def _received_dates_plain(dir_fd: int | None, directory: str, uids: Sequence[int],
+                          *, in_cwd: bool = False) -> list[int]:
     """:func:`_received_date_at` for every uid of a directory without ALT storage: a
     file read whole by its one ``read()`` whose metadata block :data:`_PLAIN_R` matches
     is handled inline (the per-file cost is then little more than its three system
-    calls); every other file goes through :func:`_received_date_at`."""
+    calls); every other file goes through :func:`_received_date_at`. ``in_cwd``: the
+    directory is the process's working directory (a worker process's), so names are
+    opened as they are."""
     if dir_fd is None:
         return [0] * len(uids)
     out: list[int] = []
     append = out.append
-    open_, read, close = os.open, os.read, os.close
+    open_, readv, close = os.open, os.readv, os.close
     mode = os.O_RDONLY | os.O_CLOEXEC
     match = _PLAIN_R.match
     magic = DBOX_MAGIC_POST
     skip = len(DBOX_MAGIC_POST)
+    buf = bytearray(_HEAD_READ)           # every file is read into this one buffer
+    bufs = [buf]
     for uid in uids:
         name = SDBOX_MAIL_FILE_PREFIX + str(uid)
         try:
-            fd = open_(name, mode, dir_fd=dir_fd)
+            fd = open_(name, mode) if in_cwd else open_(name, mode, dir_fd=dir_fd)
         except OSError:
             append(_received_date_at(dir_fd, directory, name))
             continue
         try:
-            data = read(fd, _HEAD_READ)
+            size = readv(fd, bufs)
         except OSError:
             append(_received_date_at(dir_fd, directory, name))
             continue
         finally:
             close(fd)
-        if len(data) < _HEAD_READ:
-            pos = data.rfind(magic)
+        if size < _HEAD_READ:
+            pos = buf.rfind(magic, 0, size)
             if pos >= 0:
-                found = match(data, pos + skip)
+                found = match(buf, pos + skip, size)
                 if found is not None:
                     append(int(found[1], 16))
                     continue
