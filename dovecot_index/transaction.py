@@ -75,7 +75,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from construct import Container
@@ -137,6 +137,50 @@ _SYNC_NEEDED = {RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID, RecordKind.FLAG_UPD
                 RecordKind.INDEX_DELETED, RecordKind.INDEX_UNDELETED}
 
 
+class UidArray(Sequence[int]):
+    """A sorted run of UIDs kept as one read-only ``uint32`` array (a first sync
+    appends millions: Python ints for each would cost more than writing them); reads
+    as a sequence of ints and compares equal to any sequence of the same ints."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, uids: Iterable[int] | np.ndarray = ()) -> None:
+        arr = np.array(uids if isinstance(uids, np.ndarray) else list(uids), np.uint32)
+        arr.flags.writeable = False
+        self.array = arr
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[int, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> int | tuple[int, ...]:
+        if isinstance(i, slice):
+            return tuple(self.array[i].tolist())
+        return int(self.array[i])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.array.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, UidArray):
+            return bool(np.array_equal(self.array, other.array))
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(other) == len(self) and tuple(self.array.tolist()) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.array.tolist()))
+
+    def __repr__(self) -> str:
+        return f"UidArray({self.array.tolist()!r})" if len(self) <= 20 else \
+            f"UidArray(<{len(self)} uids {int(self.array[0])}..{int(self.array[-1])}>)"
+
+
 @dataclass(frozen=True)
 class CommitResult:
     """What :meth:`Transaction.commit` wrote.
@@ -147,7 +191,8 @@ class CommitResult:
     :ivar records: ``(offset, type word, size)`` of every record, boundary included
     :ivar modseq_before: the log's highest modseq before the transaction
     :ivar modseq: the log's highest modseq after it
-    :ivar appended_uids: UIDs of the appended messages (also those assigned at commit)
+    :ivar appended_uids: UIDs of the appended messages (also those assigned at commit),
+        ascending
     :ivar truncated: bytes of an unfinished transaction cut from the end of the log
     :ivar rotated: the log was rotated after the commit (``.log`` -> ``.log.2``)
     :ivar index_written: ``dovecot.index`` was rewritten after the commit
@@ -160,7 +205,7 @@ class CommitResult:
     records: tuple[tuple[int, int, int], ...]
     modseq_before: int
     modseq: int
-    appended_uids: tuple[int, ...] = ()
+    appended_uids: UidArray = field(default_factory=UidArray)
     truncated: int = 0
     rotated: bool = False
     index_written: bool = False
@@ -801,8 +846,12 @@ class Transaction:
         if isinstance(flags, (int, np.integer)):
             fl: int | np.ndarray = int(flags) & keep
         else:
-            fl = np.asarray(flags, dtype=np.int64)
-            if fl.ndim != 1 or (len(fl) and (fl.min() < 0 or fl.max() > 0xFF)):
+            fl = np.asarray(flags)
+            if fl.dtype != np.uint8:
+                fl = fl.astype(np.int64)
+                if fl.ndim == 1 and len(fl) and (fl.min() < 0 or fl.max() > 0xFF):
+                    raise ValueError("flags must be one record byte per uid")
+            if fl.ndim != 1:
                 raise ValueError("flags must be one record byte per uid")
             fl = (fl & keep).astype(np.uint8)
         if count is not None:
@@ -831,8 +880,8 @@ class Transaction:
             dup = np.concatenate([dup, new[have[pos] == new]])
         if len(dup):
             raise ValueError(f"duplicate UID {int(dup.min())} appended in transaction")
-        self._append_uids = np.concatenate([have, new]) if not len(have) or \
-            new[0] > have[-1] else np.sort(np.concatenate([have, new]))
+        self._append_uids = new if not len(have) else np.concatenate([have, new]) \
+            if new[0] > have[-1] else np.sort(np.concatenate([have, new]))
         self._appends.append((arr, len(arr), fl, kw))
 
     # ----------------------------------------------------------------- flags ---
@@ -1120,11 +1169,11 @@ class Transaction:
         self.result = CommitResult(
             seq, offset, offset + len(data),
             tuple((offset + o, t, s) for o, t, s in rel), modseq_before, modseq,
-            tuple(appended), truncated, rotated, index_written, new_seq)
+            appended, truncated, rotated, index_written, new_seq)
         return self.result
 
     # ================================================================ export ===
-    def _export(self, cur: MailboxView) -> tuple[list[tuple[int, bytes]], list[int]]:
+    def _export(self, cur: MailboxView) -> tuple[list[tuple[int, bytes]], UidArray]:
         """``mail_index_transaction_finish`` + ``mail_index_transaction_export`` against
         the map current under the lock: ``(type, payload)`` records in Dovecot's order
         and the appended UIDs."""
@@ -1165,8 +1214,8 @@ class Transaction:
             new_flags = np.concatenate(flag_parts)[order]
         else:
             new_uids, new_flags = np.zeros(0, np.uint32), np.zeros(0, np.uint8)
-        appended = new_uids.tolist()
-        if appended and int(hdr.uid_validity) == 0 and not any(
+        appended = UidArray(new_uids)
+        if len(appended) and int(hdr.uid_validity) == 0 and not any(
                 self._pre_mask[_UID_VALIDITY:_UID_VALIDITY + 4]):
             raise IndexWriteError(str(self.mailbox.index_path),
                                   "appending to an index without UIDVALIDITY: call "
@@ -1209,7 +1258,7 @@ class Transaction:
             records.append((RecordKind.HEADER_UPDATE,
                             _masked_items(self._pre_hdr, self._pre_mask, False)))
         # --- appends ----------------------------------------------------------
-        if appended:
+        if len(appended):
             items = np.zeros(len(appended), np.dtype([("uid", "<u4"), ("flags", "u1"),
                                                       ("pad", "u1", (3,))]))
             items["uid"] = new_uids
@@ -1271,7 +1320,7 @@ class Transaction:
                 _U32.pack(uid) + self._expunges[uid] for uid in exp)))
         # --- header update (post), with the append day headers ----------------
         post_hdr, post_mask = bytearray(self._post_hdr), bytearray(self._post_mask)
-        if appended:
+        if len(appended):
             _day_headers(hdr, appended[0], post_hdr, post_mask)
         if any(post_mask):
             records.append((RecordKind.HEADER_UPDATE,
@@ -1716,7 +1765,7 @@ class SyncContext:
             modseq_before = self.view.highest_modseq
             data = b""
             rel: list[tuple[int, int, int]] = []
-            appended: list[int] = []
+            appended = UidArray()
             tail_value = 0
             if t.has_changes or tail_changed:  # MAIL_INDEX_TRANSACTION_HAS_CHANGES
                 records, appended = t._export(self.view)
@@ -1798,7 +1847,7 @@ class SyncContext:
         self.result = SyncCommitResult(
             seq, offset if data else 0, offset + len(data) if data else 0,
             tuple((offset + o, ty, sz) for o, ty, sz in rel), modseq_before, modseq,
-            tuple(appended), truncated, rotated, index_written, new_seq,
+            appended, truncated, rotated, index_written, new_seq,
             tail_offset=tail_value, fully_synced=fully_synced)
         t.result = self.result
         return self.result
@@ -1984,6 +2033,11 @@ def _sorted_member(values: np.ndarray, table: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), bool)
     if len(table) > 1 and not bool(np.all(table[1:] >= table[:-1])):
         return np.isin(values, table)
+    m = len(values)
+    if m and m <= len(table):      # a run of the table (an append's uids): one compare
+        k = int(np.searchsorted(table, values[0]))
+        if k + m <= len(table) and bool(np.array_equal(table[k:k + m], values)):
+            return np.ones(m, bool)
     pos = np.searchsorted(table, values)
     np.minimum(pos, len(table) - 1, out=pos)
     return table[pos] == values
@@ -2063,5 +2117,6 @@ __all__ = [
     "MailboxIndex",
     "SyncCommitResult",
     "SyncContext",
+    "UidArray",
     "Transaction",
 ]

@@ -46,7 +46,7 @@ from dovecot_index.log_writer import (
     encoded_transaction_size,
     scan_sync_offset,
 )
-from dovecot_index.transaction import MailboxIndex
+from dovecot_index.transaction import MailboxIndex, UidArray
 from dovecot_index.view import MailboxView
 
 SEEN, FLAGGED, ANSWERED, DELETED, DRAFT = (b.MAIL_SEEN, b.MAIL_FLAGGED, b.MAIL_ANSWERED,
@@ -161,6 +161,33 @@ def test_append_with_flags_per_uid_equals_one_call_per_flag(tmp_path: Path) -> N
         t.append([1, 2], [SEEN])
     with pytest.raises(ValueError, match="record byte"):
         t.append([1], [256])
+
+
+def test_uid_array_reads_as_a_tuple_of_ints() -> None:
+    uids = UidArray(np.array([3, 4, 9], np.int64))
+    assert uids == (3, 4, 9) and uids == [3, 4, 9] and uids == UidArray([3, 4, 9])
+    assert uids != (3, 4) and uids != (3, 4, 8) and uids != "349" and UidArray() == ()
+    assert (len(uids), uids[0], uids[-1], uids[1:], list(uids)) == (3, 3, 9, (4, 9), [3, 4, 9])
+    assert type(uids[0]) is int and hash(uids) == hash((3, 4, 9))
+    with pytest.raises(ValueError):
+        uids.array[0] = 1                       # read-only
+    assert repr(UidArray(range(1, 1_000_001))) == "UidArray(<1000000 uids 1..1000000>)"
+
+
+def test_sorted_member_equals_isin() -> None:
+    from dovecot_index.transaction import _sorted_member
+
+    rng = np.random.default_rng(5)
+    table = np.unique(rng.integers(1, 400, 250)).astype(np.uint32)
+    cases = [table[10:60], table[-5:], table[:1], table[3:3], table[7:8],
+             np.array([table[0], table[2]]), np.append(table[5:9], table[-1] + 1),
+             np.array([0, 1, 2, 1000], np.uint32), table[::-1][:4],
+             np.sort(rng.integers(0, 450, 80))]
+    for values in cases:
+        assert _sorted_member(values, table).tolist() == np.isin(values, table).tolist()
+    unsorted = table[::-1].copy()
+    assert _sorted_member(table[5:9], unsorted).all()
+    assert not _sorted_member(table[:3], table[:0]).any()
 
 
 def test_scan_sync_offset_stops_at_unfinished_transaction() -> None:

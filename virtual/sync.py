@@ -1509,37 +1509,38 @@ class _Sync:
         mids = np.concatenate([np.full(len(r), mid, U32) for mid, r in adds])
         reals = np.concatenate([r for _, r in adds]).astype(U32)
         by_id = {bk.mailbox_id: bk for bk in self.vbox.backends}
-        if mids[0] != mids[-1]:
-            dates = np.zeros(len(mids), np.int64)
-            wanted: list[tuple[_Backend, np.ndarray]] = []
-            where: list[np.ndarray] = []
-            for mid in np.unique(mids).tolist():
-                sel = np.flatnonzero(mids == mid)
-                data = self.backend(by_id[mid])
-                if data is None:
-                    continue
-                pos, ok = data.seqs_of(reals[sel])
-                wanted.append((data, pos[ok]))
-                where.append(sel[ok])
-            for sel, d in zip(where, received_dates_of(wanted, self.date_reader),
-                              strict=True):
-                dates[sel] = d
-            order = np.lexsort((reals, dates))
-            mids, reals = mids[order], reals[order]
-        new_uids = np.arange(next_uid, next_uid + len(mids), dtype=np.int64)
-        flags = np.zeros(len(mids), np.uint8)
-        kw = np.zeros(len(mids), np.int64)           # codes into self.kw_table; 0 = ()
+        n = len(mids)
+        # what does not depend on the order, per backend, while the dates are still read
+        flags = np.zeros(n, np.uint8)
+        kw = np.zeros(n, np.int64)           # codes into self.kw_table; 0 = ()
+        groups: list[tuple[BackendBox, np.ndarray, np.ndarray]] = []  # bk, sel, uid map pos
+        wanted: list[tuple[_Backend, np.ndarray]] = []
+        where: list[np.ndarray] = []
         for mid in np.unique(mids).tolist():
             sel = np.flatnonzero(mids == mid)
             bk = by_id[mid]
+            groups.append((bk, sel, np.searchsorted(bk.uid_real, reals[sel])))
             data = self.backend(bk)
-            pos_map = np.searchsorted(bk.uid_real, reals[sel])
-            bk.uid_virtual[pos_map] = new_uids[sel].astype(U32)
             if data is None:
                 continue
             pos, ok = data.seqs_of(reals[sel])
             flags[sel[ok]] = data.flags[pos[ok]] & BACKEND_FLAG_MASK
             kw[sel[ok]] = self._global_kw(data)[pos[ok]]
+            wanted.append((data, pos[ok]))
+            where.append(sel[ok])
+        rank = np.arange(n)                  # each message's place among the new ones
+        if mids[0] != mids[-1]:
+            dates = np.zeros(n, np.int64)
+            for sel, d in zip(where, received_dates_of(wanted, self.date_reader),
+                              strict=True):
+                dates[sel] = d
+            order = np.lexsort((reals, dates))
+            rank = np.empty(n, np.int64)
+            rank[order] = np.arange(n)
+            mids, reals, flags, kw = mids[order], reals[order], flags[order], kw[order]
+        new_uids = np.arange(next_uid, next_uid + n, dtype=np.int64)
+        for bk, sel, pos_map in groups:
+            bk.uid_virtual[pos_map] = (next_uid + rank[sel]).astype(U32)
         self.t.append(new_uids, flags=flags)
         recs = np.zeros(len(mids), np.dtype([("mailbox_id", "<u4"), ("real_uid", "<u4")]))
         recs["mailbox_id"], recs["real_uid"] = mids, reals

@@ -1706,7 +1706,7 @@ class _Syncer:
         result = SyncCommitResult(
             seq, offset if data else 0, offset + len(data) if data else 0,
             tuple((offset + o, ty, sz) for o, ty, sz in rel), modseq_before, modseq,
-            tuple(appended), 0, True, index_written, seq, tail_offset=0,
+            appended, 0, True, index_written, seq, tail_offset=0,
             fully_synced=self._changes.fully_synced if self._changes else False)
         ctx.result = t.result = result
         return result
