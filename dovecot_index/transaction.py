@@ -68,9 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -509,23 +507,11 @@ class MailboxIndex:
 
     def _locked_view(self, log: LockedLog) -> MailboxView:
         """The replayed view while holding the lock, without opening the locked log a
-        second time (that would drop an fcntl lock): ``dovecot.index`` and ``.log.2`` are
-        copied, the head log is read through the locked descriptor."""
-        with tempfile.TemporaryDirectory(prefix="dovecot-index-view-") as tmp:
-            tmpdir = Path(tmp)
-            assert log.stat is not None
-            locked = (log.stat.st_ino, log.stat.st_dev)
-            for src in (self.index_path, self.log2_path):
-                try:
-                    st = os.stat(src)
-                except FileNotFoundError:
-                    continue
-                if (st.st_ino, st.st_dev) == locked:
-                    continue  # .log.2 linked to the head (rotation in progress)
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.copyfile(src, tmpdir / src.name)
-            (tmpdir / self.log_path.name).write_bytes(log.read_all())
-            return MailboxView(tmpdir, self.prefix)
+        second time (that would drop an fcntl lock): the head log is read through the
+        locked descriptor, ``dovecot.index`` and ``.log.2`` from the directory."""
+        assert log.stat is not None
+        return MailboxView(self.directory, self.prefix, head_log=(
+            log.read_all(), (log.stat.st_ino, log.stat.st_dev)))
 
     # ---------------------------------------------------------------- locking ---
     @contextlib.contextmanager

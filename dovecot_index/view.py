@@ -89,11 +89,16 @@ class MailboxView:
     """
 
     def __init__(self, directory: str | os.PathLike[str], prefix: str = INDEX_NAME, *,
-                 batched: bool = True) -> None:
+                 batched: bool = True,
+                 head_log: tuple[bytes, tuple[int, int]] | None = None) -> None:
+        """``head_log``: the head log's bytes and ``(st_ino, st_dev)``, read by a
+        process that holds its lock (opening the file again would drop an fcntl lock);
+        a ``.log.2`` that is that same file (a rotation in progress) is not read."""
         self.directory = Path(directory)
         self.prefix = prefix
         self.index_path = self.directory / prefix
         self.batched = batched
+        self._head_log = head_log
         self._start()
         try:
             self._replay()
@@ -129,7 +134,7 @@ class MailboxView:
         h = self.index.header
         wanted = (RecordKind.EXPUNGE, RecordKind.EXPUNGE_GUID, RecordKind.FLAG_UPDATE,
                   RecordKind.KEYWORD_UPDATE, RecordKind.KEYWORD_RESET)
-        with LogFile.open(self.files[-1]) as lf:
+        with self._open_head_log() as lf:
             if int(lf.header.file_seq) != int(h.log_file_seq):
                 return []
             start = max(int(h.log_file_tail_offset), int(lf.header.hdr_size))
@@ -160,9 +165,25 @@ class MailboxView:
         out = []
         for suffix in (".log.2", ".log"):
             path = self.directory / (self.prefix + suffix)
+            if self._head_log is not None:
+                data, locked = self._head_log
+                if suffix == ".log":
+                    out.append((path, LogFile.parse(data, path=str(path))))
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                if (st.st_ino, st.st_dev) == locked:
+                    continue
             if path.exists():
                 out.append((path, LogFile.open(path)))
         return out
+
+    def _open_head_log(self) -> LogFile:
+        if self._head_log is not None:
+            return LogFile.parse(self._head_log[0], path=str(self.files[-1]))
+        return LogFile.open(self.files[-1])
 
     # ----------------------------------------------------------------- replay ---
     def _replay(self) -> None:

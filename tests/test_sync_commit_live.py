@@ -329,6 +329,11 @@ def test_lock_held_for_whole_sync(live_dovecot_factory, finish: str) -> None:  #
             idx.transaction(external=True).commit()
         with pytest.raises(DovecotIndexError):
             s.transaction.commit()
+        # a view replayed under the lock (as after a commit) reads the head log through
+        # the locked descriptor: replaying and scanning its requests keep the lock
+        locked = idx._locked_view(s._log)
+        assert [r.kind for r in locked.pending()] == [RecordKind.FLAG_UPDATE]
+        assert locked.files[-1] == d / LOG
         # our other writers time out, Dovecot's waits
         child = subprocess.run([sys.executable, "-c", OTHER_WRITER, str(d)],
                                capture_output=True, text=True, timeout=60)
