@@ -605,6 +605,11 @@ class UnsupportedLogVersionError(CorruptLogError):
     """A log whose major version is not 1: Dovecot ignores (and replaces) it."""
 
 
+#: records :meth:`LogFile._frame` walks one by one before it decodes every word of the
+#: file instead (a sync transaction of a million appends is a handful of large records)
+_WALK_FIRST = 64
+
+
 def _record_chain(q: np.ndarray, n4: int) -> np.ndarray:
     """Word indexes of the records reachable from word 0, where ``q[i]`` is the decoded
     size (in 4-byte words) of a record starting at word ``i``.
@@ -776,6 +781,8 @@ class LogFile:
         if base % 4:
             self._frame_slow()
             return
+        if self._frame_slow(limit=_WALK_FIRST):
+            return          # few records (such as one large sync transaction): walked
         n4 = (end - base) // 4
         raw = np.frombuffer(buf, dtype=">u4", count=n4, offset=base) if n4 else \
             np.zeros(0, ">u4")
@@ -816,8 +823,10 @@ class LogFile:
         self.trailing_partial_bytes = end - pos if partial else 0
         self.sync_offset = sync_offset
 
-    def _frame_slow(self) -> None:
-        """Record walk for a header size that is not a multiple of 4."""
+    def _frame_slow(self, limit: int | None = None) -> bool:
+        """Record walk, one record at a time (a header size that is not a multiple of
+        4; or a first try: with ``limit``, a log of more records is left alone and
+        ``False`` returned, for the vectorised walk, which reads every word)."""
         buf, end = self._buf, self.size
         frames: list[tuple[int, int, int]] = []
         pos = self.header.hdr_size
@@ -826,6 +835,8 @@ class LogFile:
         size_be = _SIZE_BE.unpack_from
         u32 = _U32.unpack_from
         while pos + RECORD_HEADER_SIZE <= end:
+            if limit is not None and len(frames) >= limit:
+                return False
             v = size_be(buf, pos)[0]
             if v & 0x80808080 != 0x80808080:
                 break  # size 0: not yet written (or garbage): unfinished
@@ -854,6 +865,7 @@ class LogFile:
         self.end_offset = pos
         self.trailing_partial_bytes = end - pos if partial else 0
         self.sync_offset = pos if sync_offset is None else sync_offset
+        return True
 
     # ------------------------------------------------------------- queries ---
     @property

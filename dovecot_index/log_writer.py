@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import mmap
 import os
 import secrets
 import signal
@@ -606,6 +607,14 @@ class LockedLog:
     def read_all(self) -> bytes:
         """The whole file as it is now."""
         return self.pread(0, os.fstat(self.fd).st_size)
+
+    def map_all(self) -> mmap.mmap | bytes:
+        """The whole file as it is now, mapped read-only through the locked descriptor
+        (no copy; the mapping keeps no descriptor of its own, so the lock stays);
+        ``b""`` for an empty file."""
+        if os.fstat(self.fd).st_size == 0:
+            return b""
+        return mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
 
     def _read_state(self, known_offset: int | None = None) -> None:
         """Header checks (``mail_transaction_log_file_read_hdr``) and ``sync_offset``."""

@@ -369,11 +369,20 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
     new = np.zeros(na, dtype=old.dtype)
     if na:
         record_bytes(new)[:, :8] = a_bytes
-    allrec = concat_records(old, new) if na else copy_records(old)
+    # this function's own records: a new array with the appends, else the map's own
+    # (writable) one, changed in place (a NeedReference restarts the replay from disk)
+    allrec = concat_records(old, new) if na else \
+        old if old.flags.writeable else copy_records(old)
     uids = allrec["uid"].astype(np.int64)
     flags0 = allrec["flags"].astype(np.int64)
     total = n0 + na
-    birth = np.concatenate([np.full(n0, -1, np.int64), a_owner])
+    # the record that appended each message (None: all are older than this run)
+    birth = np.concatenate([np.full(n0, -1, np.int64), a_owner]) if na else None
+
+    def born_before(p: np.ndarray | slice, r: np.ndarray | int) -> np.ndarray:
+        if birth is None:
+            return np.ones(len(range(total)[p]) if isinstance(p, slice) else len(p), bool)
+        return birth[p] < r
     # next_uid in force after each record: for validity checks of later records
     if na:
         rec_next = np.full(r1 - r0, 0, np.int64)
@@ -394,7 +403,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         item = np.repeat(np.arange(len(lo)), cnt)
         first = np.cumsum(cnt) - cnt
         p = np.repeat(lo, cnt) + np.arange(int(cnt.sum())) - np.repeat(first, cnt)
-        alive = birth[p] < owner[item]
+        alive = born_before(p, owner[item])
         return p[alive], item[alive]
 
     # ---- expunges (external only take effect); every one validated
@@ -421,7 +430,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         ok = p < total
         ok[ok] = uids[p[ok]] == gu[ok]
         p, owner, k = p[ok], owner[ok], k[ok]
-        ok = birth[p] < owner
+        ok = born_before(p, owner)
         ex_rows_p = np.concatenate([ex_rows_p, p[ok]])
         ex_rows_r = np.concatenate([ex_rows_r, owner[ok]])
         ex_rows_k = np.concatenate([ex_rows_k, k[ok]])
@@ -440,7 +449,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         ex_rows_p, ex_rows_r, ex_rows_k = ex_rows_p[keep], ex_rows_r[keep], ex_rows_k[keep]
 
     def alive_at(p: np.ndarray | slice, r: np.ndarray | int) -> np.ndarray:
-        alive = birth[p] < r
+        alive = born_before(p, r)
         return alive if death is None else alive & (r < death[p])
 
     # ---- flag updates
@@ -481,7 +490,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
             flags[has] = np.where(val, flags[has] | m, flags[has] & ~m)
 
     # ---- counters and lowwaters, from the events in log order
-    _counters(view, fr, r0, r1, uids, flags0, birth, a_owner, na, n0,
+    _counters(view, fr, r0, r1, uids, flags0, a_owner, na, n0,
               f_p, f_r, f_k, f_add, f_rem, ex_rows_p, ex_rows_r, ex_rows_k, rec_next)
 
     # ---- keywords
@@ -694,7 +703,7 @@ def _run_start(uids: np.ndarray, u: np.ndarray) -> int:
 
 
 def _counters(view: MailboxView, fr: Framed, r0: int, r1: int, uids: np.ndarray,
-              flags0: np.ndarray, birth: np.ndarray, a_owner: np.ndarray, na: int, n0: int,
+              flags0: np.ndarray, a_owner: np.ndarray, na: int, n0: int,
               f_p: np.ndarray, f_r: np.ndarray, f_k: np.ndarray, f_add: np.ndarray,
               f_rem: np.ndarray, ex_p: np.ndarray, ex_r: np.ndarray, ex_k: np.ndarray,
               rec_next: np.ndarray) -> None:

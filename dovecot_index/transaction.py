@@ -505,13 +505,16 @@ class MailboxIndex:
         not be called while this process holds the log lock with ``fcntl``."""
         return self._view_with_signature()[0]
 
-    def _locked_view(self, log: LockedLog) -> MailboxView:
+    def _locked_view(self, log: LockedLog, *, mapped: bool = False) -> MailboxView:
         """The replayed view while holding the lock, without opening the locked log a
         second time (that would drop an fcntl lock): the head log is read through the
-        locked descriptor, ``dovecot.index`` and ``.log.2`` from the directory."""
+        locked descriptor, ``dovecot.index`` and ``.log.2`` from the directory.
+        ``mapped``: the head log is mapped instead of copied, for a view that is gone
+        before the log can shrink (a truncated mapped file faults on access)."""
         assert log.stat is not None
         return MailboxView(self.directory, self.prefix, head_log=(
-            log.read_all(), (log.stat.st_ino, log.stat.st_dev)))
+            log.map_all() if mapped else log.read_all(),
+            (log.stat.st_ino, log.stat.st_dev)))
 
     # ---------------------------------------------------------------- locking ---
     @contextlib.contextmanager
@@ -1139,7 +1142,7 @@ class Transaction:
             if write_index or (write_index is None and not requests):
                 index_reason = "asked" if write_index else mbox._index_write_reason(log)
             if rotate_reason or index_reason:
-                post = mbox._locked_view(log)
+                post = mbox._locked_view(log, mapped=True)    # (used right here)
                 synced = mbox._fully_synced(log, post)
                 if rotate_reason and (synced or rotate):
                     mbox._rotate_locked(log, post)
@@ -1799,7 +1802,7 @@ class SyncContext:
                 # mail_index_write: a rotation always rewrites; otherwise only if this
                 # process's index descriptor still names the file on disk
                 if rotate_reason or mi is None or mi.should_recreate():
-                    post = mbox._locked_view(log)
+                    post = mbox._locked_view(log, mapped=True)    # (used right here)
                     modseq = post.highest_modseq
                     if rotate_reason:
                         mbox._rotate_locked(log, post)

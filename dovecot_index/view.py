@@ -13,6 +13,7 @@ everything that reads an index (dump, cache lookups) reads a replayed view the s
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,10 +91,12 @@ class MailboxView:
 
     def __init__(self, directory: str | os.PathLike[str], prefix: str = INDEX_NAME, *,
                  batched: bool = True,
-                 head_log: tuple[bytes, tuple[int, int]] | None = None) -> None:
-        """``head_log``: the head log's bytes and ``(st_ino, st_dev)``, read by a
-        process that holds its lock (opening the file again would drop an fcntl lock);
-        a ``.log.2`` that is that same file (a rotation in progress) is not read."""
+                 head_log: tuple[bytes | mmap.mmap, tuple[int, int]] | None = None
+                 ) -> None:
+        """``head_log``: the head log's bytes (or a map of them) and ``(st_ino,
+        st_dev)``, read by a process that holds its lock (opening the file again would
+        drop an fcntl lock); a ``.log.2`` that is that same file (a rotation in
+        progress) is not read."""
         self.directory = Path(directory)
         self.prefix = prefix
         self.index_path = self.directory / prefix

@@ -244,3 +244,35 @@ def test_append_run_counters(tmp_path: Path, pattern: str, seen_shift: int,
                 str(h.first_unseen_uid_lowwater), str(h.first_deleted_uid_lowwater))
 
     assert outcome(True) == outcome(False)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_record_walk_equals_vectorised_framing(seed: int, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    """LogFile framing walks a log of few records one record at a time and decodes
+    every word of a longer one: both give the same frames, ends and errors, also for
+    logs cut anywhere and logs with a corrupt size word."""
+    import dovecot_index.log_file as lfm
+
+    rng = random.Random(seed)
+    full = random_log(rng)
+    hdr = b.MAIL_TRANSACTION_LOG_HEADER_SIZE
+    cases = [full, full[:rng.randrange(hdr, len(full))], full[:len(full) - 3]]
+    bad = bytearray(full)
+    at = hdr + 4 * rng.randrange(0, (len(full) - hdr) // 4)
+    bad[at:at + 4] = rng.choice([b"\x80\x80\x80\x81", b"\x00\x00\x00\x00",
+                                 b"\xff\xff\xff\xff"])
+    cases.append(bytes(bad))
+
+    def framing(data: bytes) -> tuple[object, ...]:
+        lf = lfm.LogFile.parse(data, path="x.log")
+        return (lf.frame_offsets.tolist(), lf.frame_sizes.tolist(),
+                lf.frame_types.tolist(), lf.end_offset, lf.sync_offset,
+                lf.trailing_partial_bytes, lf.framing_error)
+
+    for data in cases:
+        monkeypatch.setattr(lfm, "_WALK_FIRST", 0)          # always vectorised
+        vectorised = framing(data)
+        monkeypatch.setattr(lfm, "_WALK_FIRST", 1 << 30)    # always walked
+        walked = framing(data)
+        assert walked == vectorised
