@@ -566,7 +566,7 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
         if np.any(u == 0) or np.any(u >= rec_next[r - r0]):
             raise NeedReference("ext rec uid")
         data = _gather(fr.buf, pos + 4, rs)
-        k = _run_start(uids, u)
+        k = run_start(uids, u)
         if k >= 0:             # the uids of messages k, k+1, ... in order (appends' updates)
             run = slice(k, k + len(u))
             ok = alive_at(run, r)
@@ -690,9 +690,9 @@ def apply_run(view: MailboxView, fr: Framed, r0: int, r1: int, mods: np.ndarray,
             ext.hdr_data = bytes(data)
 
 
-def _run_start(uids: np.ndarray, u: np.ndarray) -> int:
-    """``k`` when ``u`` equals ``uids[k:k + len(u)]`` (a run of consecutive messages
-    in order, as an append's extension records are written), else -1."""
+def run_start(uids: np.ndarray, u: np.ndarray) -> int:
+    """``k`` when ``u`` equals ``uids[k:k + len(u)]`` (``uids`` ascending: a run of
+    consecutive messages in order, as an append's uids are), else -1; one compare."""
     if not len(u):
         return -1
     k = int(np.searchsorted(uids, u[0]))

@@ -106,7 +106,7 @@ from .log_writer import (
     rotated_header,
     want_rotate,
 )
-from .replay_batch import Framed, record_modseqs
+from .replay_batch import Framed, record_modseqs, run_start
 from .view import MailboxView
 
 INDEX_PREFIX = "dovecot.index"
@@ -2022,11 +2022,8 @@ def _sorted_member(values: np.ndarray, table: np.ndarray) -> np.ndarray:
         return np.zeros(len(values), bool)
     if len(table) > 1 and not bool(np.all(table[1:] >= table[:-1])):
         return np.isin(values, table)
-    m = len(values)
-    if m and m <= len(table):      # a run of the table (an append's uids): one compare
-        k = int(np.searchsorted(table, values[0]))
-        if k + m <= len(table) and bool(np.array_equal(table[k:k + m], values)):
-            return np.ones(m, bool)
+    if run_start(table, values) >= 0:        # a run of the table (an append's uids)
+        return np.ones(len(values), bool)
     pos = np.searchsorted(table, values)
     np.minimum(pos, len(table) - 1, out=pos)
     return table[pos] == values
