@@ -443,10 +443,9 @@ def _received_dates_in(directory: str, alt: str | None, uids: Sequence[int],
     primary, alt_fd = fds
     try:
         if alt_fd is None:
-            in_cwd = False
-            if worker and primary is not None:
+            in_cwd = worker and primary is not None
+            if in_cwd:
                 os.fchdir(primary)
-                in_cwd = True
             return _received_dates_plain(primary, directory, uids, in_cwd=in_cwd)
         out: list[int] = []
         for uid, fl in zip(uids, flags, strict=True):
